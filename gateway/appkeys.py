@@ -1,0 +1,31 @@
+"""Every typed dependency slot of the aiohttp application."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config.runtime import Runtime
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Outcome
+
+
+@dataclass(slots=True)
+class RuntimeHolder:
+    """The current runtime. A reload replaces `current` in one assignment; each request reads
+    it once and keeps that snapshot."""
+
+    current: Runtime
+
+
+RUNTIME = web.AppKey("runtime", RuntimeHolder)
+HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
+# Called with every finished request's Outcome and the loop time it ended (access log,
+# telemetry, tests). A sink must be cheap and must not raise.
+OutcomeSink = Callable[["Outcome", float], None]
+OUTCOME_SINKS = web.AppKey("outcome_sinks", list[OutcomeSink])

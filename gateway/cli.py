@@ -1,0 +1,180 @@
+"""Command line: `gateway serve | check-config | fake-provider | demo | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.appkeys import RUNTIME
+from gateway.config import ConfigError, build_runtime, load_config
+from gateway.config.runtime import Runtime
+from gateway.logs import configure_logging, get_logger
+
+
+def _load(path: str) -> Runtime:
+    return build_runtime(load_config(path))
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop  # noqa: PLC0415  (optional speed-up)
+    except ImportError:
+        return
+    uvloop.install()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        runtime = _load(args.config)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(runtime.telemetry.log_format, runtime.telemetry.log_level)
+    log = get_logger("gateway")
+    from gateway.app import create_app  # noqa: PLC0415  (after logging is configured)
+
+    app = create_app(runtime)
+
+    async def on_startup(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+
+        def reload() -> None:
+            # A bad file leaves the running config in place, whole; the log says why.
+            try:
+                new = _load(args.config)
+            except ConfigError as exc:
+                log.error("config reload rejected", error=str(exc))
+                return
+            app[RUNTIME].current = new
+            log.info("config reloaded", models=len(new.routes), providers=len(new.providers))
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+
+    app.on_startup.append(on_startup)
+    if not args.no_uvloop:
+        _install_uvloop()
+    host = args.host or runtime.server.host
+    port = args.port if args.port is not None else runtime.server.port
+    log.info("gateway starting", host=host, port=port, models=len(runtime.routes))
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=runtime.server.drain_timeout_s,
+        print=None,
+    )
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        runtime = _load(args.config)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.config}: OK ({len(runtime.routes)} models, {len(runtime.providers)} providers, "
+        f"{len(runtime.callers)} API keys)"
+    )
+    return 0
+
+
+def cmd_fake_provider(args: argparse.Namespace) -> int:
+    from gateway.fakeprovider import run_fake_provider  # noqa: PLC0415
+
+    if not args.no_uvloop:
+        _install_uvloop()
+    run_fake_provider(args.host, args.port, Path(args.recordings) if args.recordings else None)
+    return 0
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when the gateway's /healthz answers 200 in time (the container HEALTHCHECK)."""
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    if not args.url.startswith(("http://", "https://")):
+        print("healthcheck: --url must be http(s)", file=sys.stderr)
+        return 2
+    try:
+        with urllib.request.urlopen(args.url, timeout=args.timeout) as resp:  # noqa: S310
+            ok = resp.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"healthcheck: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(args.config, prompt=args.prompt, chunks=args.chunks, gap_ms=args.gap_ms)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gateway.bench import run_bench  # noqa: PLC0415
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("--config", "-c", default="config/gateway.yaml")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--no-uvloop", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file and exit")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("fake-provider", help="run the scriptable fake OpenAI/Anthropic upstream")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9911)
+    p.add_argument("--recordings", help="directory of recorded streams it may replay")
+    p.add_argument("--no-uvloop", action="store_true")
+    p.set_defaults(func=cmd_fake_provider)
+
+    p = sub.add_parser("healthcheck", help="exit 0 if the gateway answers /healthz")
+    p.add_argument("--url", default="http://127.0.0.1:8080/healthz")
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.set_defaults(func=cmd_healthcheck)
+
+    p = sub.add_parser("demo", help="stream a completion through the gateway to the fake provider")
+    p.add_argument("--config", default="config/demo.yaml")
+    p.add_argument("--prompt", default="Say hello through the gateway.")
+    p.add_argument("--chunks", type=int, default=24)
+    p.add_argument("--gap-ms", type=int, default=40)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmark the gateway against direct fake-provider access")
+    p.add_argument("--concurrency", default="1,50,200", help="comma-separated concurrency levels")
+    p.add_argument("--gaps", default="0,20", help="comma-separated upstream chunk gaps (ms)")
+    p.add_argument("--chunks", type=int, default=50, help="content chunks per stream")
+    p.add_argument(
+        "--streams", type=int, default=0, help="streams per run (default: max(200, 4 x conc))"
+    )
+    p.add_argument("--max-seconds", type=float, default=60, help="time bound of each run")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

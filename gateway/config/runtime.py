@@ -1,0 +1,169 @@
+"""The compiled, immutable runtime: everything a request needs, built once per config load.
+
+A request reads `app[RUNTIME]` once and uses that snapshot to the end, so a reload (a whole new
+Runtime swapped in) never changes a request half-way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from gateway.config.loader import ConfigError
+from gateway.config.schema import GatewayConfig, ServerConfig, TelemetryConfig, TimeoutsConfig
+from gateway.errors import ApiFamily
+from gateway.keypool import KeyPool, UpstreamKey, fingerprint
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    id: str
+    models: frozenset[str] | None  # None = every model
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect_s: float
+    first_byte_s: float
+    chunk_s: float
+    total_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec:
+    name: str
+    api: ApiFamily
+    base_url: str  # without a trailing slash
+    keys: tuple[UpstreamKey, ...] = field(repr=False)
+    forward_exact: frozenset[str]
+    forward_prefixes: tuple[str, ...]
+    headers: Mapping[str, str]
+    chat_max_tokens_field: str
+    anthropic_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    provider: ProviderSpec
+    model: str  # the upstream's model name
+    pool: KeyPool = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str  # the model name callers send
+    family: ApiFamily
+    deployments: tuple[Deployment, ...]
+    timeouts: Timeouts
+    max_tokens_cap: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    config: GatewayConfig = field(repr=False)
+    server: ServerConfig
+    telemetry: TelemetryConfig
+    callers: Mapping[str, Caller]  # sha256 hex digest of the caller key -> caller
+    routes: Mapping[str, Route]
+    providers: Mapping[str, ProviderSpec]
+    pools: Mapping[str, KeyPool] = field(repr=False)
+    # Every upstream secret, longest first: scrubbed from any upstream body passed to a caller.
+    secrets: tuple[bytes, ...] = field(repr=False)
+
+    def models_for(self, caller: Caller) -> list[Route]:
+        return [r for name, r in self.routes.items() if caller.may_use(name)]
+
+
+def _timeouts(base: TimeoutsConfig, override: Mapping[str, float] | None) -> Timeouts:
+    values = base.model_dump()
+    if override:
+        values.update(override)
+    checked = TimeoutsConfig.model_validate(values)
+    return Timeouts(
+        connect_s=checked.connect_s,
+        first_byte_s=checked.first_byte_s,
+        chunk_s=checked.chunk_s,
+        total_s=checked.total_s,
+    )
+
+
+def build_runtime(config: GatewayConfig) -> Runtime:
+    """Compile a validated config. Raises ConfigError naming the entry that does not hang
+    together (an unknown provider, mixed wire APIs in one model, ...)."""
+    providers: dict[str, ProviderSpec] = {}
+    pools: dict[str, KeyPool] = {}
+    secrets: set[bytes] = set()
+    for name, p in config.providers.items():
+        keys = tuple(
+            UpstreamKey(
+                id=k.id,
+                secret=k.secret.get_secret_value(),
+                weight=k.weight,
+                fingerprint=fingerprint(k.secret.get_secret_value()),
+            )
+            for k in p.keys
+        )
+        secrets.update(k.secret.encode() for k in keys)
+        spec = ProviderSpec(
+            name=name,
+            api=ApiFamily(p.api),
+            base_url=p.base_url.rstrip("/"),
+            keys=keys,
+            forward_exact=frozenset(h for h in p.forward_headers if not h.endswith("*")),
+            forward_prefixes=tuple(h[:-1] for h in p.forward_headers if h.endswith("*")),
+            headers=MappingProxyType(dict(p.headers)),
+            chat_max_tokens_field=p.chat_max_tokens_field,
+            anthropic_version=p.anthropic_version,
+        )
+        providers[name] = spec
+        pools[name] = KeyPool(name, keys, p.key_strategy, p.max_concurrent_per_key)
+
+    routes: dict[str, Route] = {}
+    for model_name, m in config.models.items():
+        deployments = []
+        for i, d in enumerate(m.deployments):
+            if d.provider not in providers:
+                raise ConfigError(
+                    f"models.{model_name}[{i}]: provider {d.provider!r} is not defined "
+                    f"(known: {', '.join(sorted(providers))})"
+                )
+            deployments.append(Deployment(providers[d.provider], d.model, pools[d.provider]))
+        families = {d.provider.api for d in deployments}
+        if len(families) > 1:
+            raise ConfigError(
+                f"models.{model_name}: deployments mix wire APIs "
+                f"({', '.join(sorted(f.value for f in families))}); fallback needs one API"
+            )
+        cap = m.policy.max_tokens_cap or config.policy.max_tokens_cap
+        routes[model_name] = Route(
+            name=model_name,
+            family=deployments[0].provider.api,
+            deployments=tuple(deployments),
+            timeouts=_timeouts(config.policy.timeouts, m.policy.timeouts),
+            max_tokens_cap=cap,
+        )
+
+    callers = {
+        k.sha256: Caller(id=k.id, models=frozenset(k.models) if k.models is not None else None)
+        for k in config.auth.api_keys
+    }
+    for k in config.auth.api_keys:
+        unknown = sorted(set(k.models or ()) - set(routes))
+        if unknown:
+            raise ConfigError(
+                f"auth.api_keys[{k.id}].models: unknown model(s) {', '.join(unknown)}"
+            )
+    return Runtime(
+        config=config,
+        server=config.server,
+        telemetry=config.telemetry,
+        callers=MappingProxyType(callers),
+        routes=MappingProxyType(routes),
+        providers=MappingProxyType(providers),
+        pools=MappingProxyType(pools),
+        secrets=tuple(sorted(secrets, key=len, reverse=True)),
+    )

@@ -1,0 +1,211 @@
+"""The YAML schema: typed, frozen, and strict (an unknown key is an error).
+
+Only what the gateway implements is accepted: a key that parsed but did nothing would be a lie
+told to the operator. Values are validated here; cross-references (a deployment naming an
+unknown provider, mixed wire APIs in one model) are checked in `build_runtime`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+\*?$")
+# Header names the gateway owns: forwarding a caller's value for one of these would let a caller
+# pick the upstream credential or break framing.
+_RESERVED_HEADERS = frozenset(
+    {
+        "authorization",
+        "x-api-key",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "content-type",
+        "accept-encoding",
+    }
+)
+
+Identifier = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    # Non-stream upstream bodies are buffered (to pass status and body intact); bound them.
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    drain_timeout_s: float = Field(30, ge=0, le=3600)
+    # Upstream connection pool size: the peak number of concurrent upstream calls.
+    max_upstream_connections: int = Field(1024, ge=1, le=100_000)
+
+
+class ApiKeyConfig(_Strict):
+    id: Identifier
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
+    models: tuple[str, ...] | None = None  # None = every model
+
+    @field_validator("sha256")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+
+class AuthConfig(_Strict):
+    api_keys: tuple[ApiKeyConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> AuthConfig:
+        seen_ids: set[str] = set()
+        seen_digests: set[str] = set()
+        for key in self.api_keys:
+            if key.id in seen_ids:
+                raise ValueError(f"duplicate api key id {key.id!r}")
+            if key.sha256 in seen_digests:
+                raise ValueError(f"api key {key.id!r} repeats the sha256 of another key")
+            seen_ids.add(key.id)
+            seen_digests.add(key.sha256)
+        return self
+
+
+class UpstreamKeyConfig(_Strict):
+    id: Identifier
+    secret: SecretStr
+    weight: int = Field(1, ge=1, le=1000)
+
+    @field_validator("secret")
+    @classmethod
+    def _not_empty(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("the secret is empty (is its environment variable set?)")
+        return value
+
+
+class ProviderConfig(_Strict):
+    api: Literal["openai", "anthropic"]
+    base_url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$")]
+    keys: tuple[UpstreamKeyConfig, ...] = Field(min_length=1)
+    key_strategy: Literal["least_in_flight", "weighted_round_robin"] = "least_in_flight"
+    max_concurrent_per_key: int | None = Field(None, ge=1, le=1_000_000)
+    # Caller request headers passed on upstream (exact names or a trailing-* prefix).
+    forward_headers: tuple[str, ...] = ()
+    # Fixed headers added to every upstream request (e.g. OpenAI-Organization).
+    headers: dict[str, str] = Field(default_factory=dict)
+    # Which field carries the output cap on Chat Completions when the gateway fills it in.
+    chat_max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    # Sent when the caller sends no anthropic-version (Anthropic API only).
+    anthropic_version: str = "2023-06-01"
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _header_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for name in value:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a header name (or a name prefix ending in *)")
+            lowered = name.lower()
+            if lowered.rstrip("*") in _RESERVED_HEADERS or (
+                lowered.endswith("*") and any(r.startswith(lowered[:-1]) for r in _RESERVED_HEADERS)
+            ):
+                raise ValueError(f"{name!r} would forward a header the gateway owns")
+            out.append(lowered)
+        return tuple(out)
+
+    @field_validator("headers")
+    @classmethod
+    def _static_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _HEADER_NAME.match(name) or name.endswith("*"):
+                raise ValueError(f"{name!r} is not a header name")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"{name!r} is set by the gateway itself")
+        return {k.lower(): v for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> ProviderConfig:
+        ids = [k.id for k in self.keys]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate key id(s) {', '.join(dupes)}")
+        return self
+
+
+class TimeoutsConfig(_Strict):
+    connect_s: float = Field(5, gt=0, le=600)
+    first_byte_s: float = Field(30, gt=0, le=3600)
+    chunk_s: float = Field(30, gt=0, le=3600)
+    total_s: float = Field(900, gt=0, le=86400)
+
+
+class PolicyConfig(_Strict):
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    max_tokens_cap: int | None = Field(None, ge=1, le=10_000_000)
+
+
+class PolicyOverride(_Strict):
+    """A model's own policy: every field left out inherits the global `policy`."""
+
+    timeouts: dict[str, float] | None = None
+    max_tokens_cap: int | None = Field(None, ge=1, le=10_000_000)
+
+    @field_validator("timeouts")
+    @classmethod
+    def _known(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            unknown = set(value) - set(TimeoutsConfig.model_fields)
+            if unknown:
+                raise ValueError(f"unknown timeout(s) {', '.join(sorted(unknown))}")
+        return value
+
+
+class DeploymentConfig(_Strict):
+    provider: Identifier
+    model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class ModelConfig(_Strict):
+    deployments: tuple[DeploymentConfig, ...] = Field(min_length=1)
+    policy: PolicyOverride = PolicyOverride()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_shorthand(cls, value: Any) -> Any:
+        # `name: [deployments]` is the everyday form; `name: {deployments: [...], policy: ...}`
+        # is the form with overrides.
+        if isinstance(value, list):
+            return {"deployments": value}
+        return value
+
+
+class TelemetryConfig(_Strict):
+    service_name: str = "llm-gateway"
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+class GatewayConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    providers: dict[Identifier, ProviderConfig] = Field(min_length=1)
+    models: dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], ModelConfig] = (
+        Field(min_length=1)
+    )
+    policy: PolicyConfig = PolicyConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()

@@ -1,0 +1,236 @@
+"""OpenAI wire API (and every OpenAI-compatible server): endpoints and stream observers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.errors import ApiFamily
+from gateway.providers.base import Endpoint, StreamFacts, Usage, as_int, short
+from gateway.sse import SSEEvent
+
+_DONE = b"[DONE]"
+# Substring probes on the raw event: OpenAI sends compact JSON, so a chunk that carries a
+# finish reason, usage or an error shows one of these. Other spellings (spaces after colons)
+# are still caught: a finish/usage not seen by the probes is read from the last event at the end.
+_FINISH_NULL = b'"finish_reason":null'
+_FINISH = b"finish_reason"
+_USAGE = b'"usage":{'
+_ERROR = b'"error"'
+
+
+def _loads(data: bytes) -> dict[str, Any] | None:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _usage(obj: Any) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None
+    details = obj.get("prompt_tokens_details")
+    cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    if cached is None:  # DeepSeek reports prompt_cache_hit_tokens
+        cached = as_int(obj.get("prompt_cache_hit_tokens"))
+    return Usage(
+        input_tokens=as_int(obj.get("prompt_tokens", obj.get("input_tokens"))),
+        output_tokens=as_int(obj.get("completion_tokens", obj.get("output_tokens"))),
+        cache_read_input_tokens=cached,
+    )
+
+
+def _has_content(delta: Any) -> bool:
+    if not isinstance(delta, dict):
+        return False
+    return bool(
+        delta.get("content")
+        or delta.get("tool_calls")
+        or delta.get("function_call")
+        or delta.get("reasoning_content")
+        or delta.get("reasoning")
+        or delta.get("refusal")
+    )
+
+
+class ChatObserver:
+    """Chat Completions (`chat.completion.chunk`) and legacy Completions (`text_completion`)."""
+
+    __slots__ = ("_last", "_text", "facts")
+
+    def __init__(self, *, text_completion: bool = False) -> None:
+        self.facts = StreamFacts()
+        self._text = text_completion
+        self._last: bytes | None = None
+
+    def on_event(self, event: SSEEvent, now: float) -> None:
+        facts = self.facts
+        index = facts.events
+        facts.events = index + 1
+        data = event.data
+        if data == _DONE:
+            facts.done = True
+            return
+        self._last = data
+        if facts.first_token_at is not None and not (
+            _USAGE in data or _ERROR in data or (_FINISH in data and _FINISH_NULL not in data)
+        ):
+            return
+        obj = _loads(data)
+        if obj is None:
+            return
+        self._read(obj)
+        if facts.first_token_at is None and self._content(obj):
+            facts.first_token_at = now
+            facts.first_token_event = index
+
+    def on_end(self) -> None:
+        facts = self.facts
+        if (facts.usage is None or facts.finish_reason is None) and self._last is not None:
+            obj = _loads(self._last)
+            if obj is not None:
+                self._read(obj)
+
+    def _content(self, obj: dict[str, Any]) -> bool:
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            return False
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            if self._text:
+                if choice.get("text"):
+                    return True
+            elif _has_content(choice.get("delta")):
+                return True
+        return False
+
+    def _read(self, obj: dict[str, Any]) -> None:
+        facts = self.facts
+        if facts.response_id is None and isinstance(obj.get("id"), str) and obj["id"]:
+            facts.response_id = short(obj["id"])
+            facts.response_model = short(obj.get("model"))
+        error = obj.get("error")
+        if isinstance(error, dict):
+            facts.error_type = short(error.get("type") or error.get("code") or "error", 64)
+            facts.error_message = short(error.get("message"))
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
+                    facts.finish_reason = short(choice["finish_reason"], 64)
+        usage = _usage(obj.get("usage"))
+        if usage is not None:
+            facts.usage = usage
+
+
+class ResponsesObserver:
+    """Responses API: typed events; usage and status in the one terminal event."""
+
+    __slots__ = ("facts",)
+
+    _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+    def __init__(self) -> None:
+        self.facts = StreamFacts()
+
+    def on_event(self, event: SSEEvent, now: float) -> None:
+        facts = self.facts
+        index = facts.events
+        facts.events = index + 1
+        name = event.event
+        if not name:  # a compatible server that omits `event:`: the type is in the payload
+            obj = _loads(event.data)
+            name = obj.get("type", "") if obj is not None else ""
+            if not isinstance(name, str):
+                return
+        if name.endswith(".delta"):
+            if facts.first_token_at is None:
+                facts.first_token_at = now
+                facts.first_token_event = index
+            return
+        if name == "response.created":
+            obj = _loads(event.data)
+            response = obj.get("response") if obj else None
+            if isinstance(response, dict):
+                facts.response_id = short(response.get("id"))
+                facts.response_model = short(response.get("model"))
+        elif name in self._TERMINAL:
+            facts.done = True
+            obj = _loads(event.data)
+            response = obj.get("response") if obj else None
+            if not isinstance(response, dict):
+                return
+            facts.response_id = short(response.get("id")) or facts.response_id
+            status = response.get("status")
+            details = response.get("incomplete_details")
+            if isinstance(details, dict) and isinstance(details.get("reason"), str):
+                facts.finish_reason = short(details["reason"], 64)
+            elif isinstance(status, str):
+                facts.finish_reason = short(status, 64)
+            usage = _usage(response.get("usage"))
+            if usage is not None:
+                facts.usage = usage
+            error = response.get("error")
+            if isinstance(error, dict) and facts.error_type is None:
+                facts.error_type = short(error.get("code") or "error", 64)
+                facts.error_message = short(error.get("message"))
+        elif name == "error":
+            obj = _loads(event.data)
+            if obj is not None:
+                facts.error_type = short(obj.get("code") or obj.get("type") or "error", 64)
+                facts.error_message = short(obj.get("message"))
+
+    def on_end(self) -> None:
+        return None
+
+
+def usage_from_body(body: bytes) -> Usage | None:
+    """Usage of a non-stream OpenAI response body (chat, completions, responses, embeddings)."""
+    obj = _loads(body)
+    return _usage(obj.get("usage")) if obj else None
+
+
+ENDPOINTS = (
+    Endpoint(
+        family=ApiFamily.OPENAI,
+        path="/v1/chat/completions",
+        upstream_path="/chat/completions",
+        operation="chat",
+        streams=True,
+        cap_fields=("max_completion_tokens", "max_tokens"),
+        fill_cap=True,
+        observer=ChatObserver,
+    ),
+    Endpoint(
+        family=ApiFamily.OPENAI,
+        path="/v1/completions",
+        upstream_path="/completions",
+        operation="text_completion",
+        streams=True,
+        cap_fields=("max_tokens",),
+        # The API's own default is 16 tokens: filling in a larger cap would change the answer.
+        fill_cap=False,
+        observer=lambda: ChatObserver(text_completion=True),
+    ),
+    Endpoint(
+        family=ApiFamily.OPENAI,
+        path="/v1/responses",
+        upstream_path="/responses",
+        operation="chat",
+        streams=True,
+        cap_fields=("max_output_tokens",),
+        fill_cap=True,
+        observer=ResponsesObserver,
+        is_responses=True,
+    ),
+    Endpoint(
+        family=ApiFamily.OPENAI,
+        path="/v1/embeddings",
+        upstream_path="/embeddings",
+        operation="embeddings",
+        streams=False,
+    ),
+)

@@ -1,0 +1,50 @@
+"""Shared fixtures: the fake provider and the gateway, each on a real loopback socket."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from gateway.fakeprovider import FakeProvider, start_fake_provider
+from tests.support import (
+    ANTHROPIC_KEYS,
+    RECORDINGS,
+    UPSTREAM_KEYS,
+    Fake,
+    Gateway,
+    GatewayFactory,
+    base_config,
+    deep_merge,
+    start_gateway,
+)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Fake]:
+    provider = FakeProvider(keys=set(UPSTREAM_KEYS + ANTHROPIC_KEYS), recordings_dir=RECORDINGS)
+    runner, url = await start_fake_provider(provider)
+    yield Fake(provider, url)
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def gateway_factory(fake: Fake) -> AsyncIterator[GatewayFactory]:
+    runners: list[web.AppRunner] = []
+
+    async def factory(extra: dict[str, Any] | None = None) -> Gateway:
+        config = deep_merge(base_config(fake.url), extra or {})
+        runner, gw = await start_gateway(config)
+        runners.append(runner)
+        return gw
+
+    yield factory
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory) -> Gateway:
+    return await gateway_factory()

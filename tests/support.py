@@ -1,0 +1,116 @@
+"""Test support: constants, the gateway config used by tests, and server start helpers."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.appkeys import RUNTIME
+from gateway.config import Runtime, build_runtime, load_config_text
+from gateway.fakeprovider import FakeProvider
+
+RECORDINGS = Path(__file__).parent / "data" / "recorded-streams"
+CALLER_KEY = "gw-test-caller-key-0001"
+OTHER_CALLER_KEY = "gw-test-caller-key-0002"
+UPSTREAM_KEYS = ("sk-test-upstream-aaaa1111", "sk-test-upstream-bbbb2222")
+ANTHROPIC_KEYS = ("sk-ant-test-upstream-cccc3333",)
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def require_binary(name: str) -> str:
+    """The path of a server binary; skip without it, unless GATEWAY_REQUIRE_SERVERS=1 (CI)."""
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
+    )
+    if path is None:
+        if os.environ.get("GATEWAY_REQUIRE_SERVERS") == "1":
+            pytest.fail(f"{name} is required (GATEWAY_REQUIRE_SERVERS=1) but not installed")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+@dataclass
+class Fake:
+    provider: FakeProvider
+    url: str  # http://127.0.0.1:PORT (no /v1)
+
+
+@dataclass
+class Gateway:
+    url: str
+    app: web.Application
+    runtime: Runtime
+
+
+def base_config(fake_url: str) -> dict[str, Any]:
+    return {
+        "server": {"host": "127.0.0.1", "port": 0, "max_request_bytes": 1024 * 1024},
+        "auth": {
+            "api_keys": [
+                {"id": "test-app", "sha256": sha(CALLER_KEY)},
+                {"id": "limited-app", "sha256": sha(OTHER_CALLER_KEY), "models": ["gpt-test"]},
+            ]
+        },
+        "providers": {
+            "oa": {
+                "api": "openai",
+                "base_url": f"{fake_url}/v1",
+                "keys": [{"id": f"oa-{i + 1}", "secret": k} for i, k in enumerate(UPSTREAM_KEYS)],
+                "forward_headers": ["x-fake-*"],
+            },
+            "an": {
+                "api": "anthropic",
+                "base_url": fake_url,
+                "keys": [{"id": "an-1", "secret": ANTHROPIC_KEYS[0]}],
+                "forward_headers": ["x-fake-*"],
+            },
+        },
+        "models": {
+            "gpt-test": [{"provider": "oa", "model": "fake-gpt"}],
+            "embed-test": [{"provider": "oa", "model": "fake-embed"}],
+            "claude-test": [{"provider": "an", "model": "fake-claude"}],
+        },
+        "policy": {
+            "timeouts": {"connect_s": 2, "first_byte_s": 5, "chunk_s": 5, "total_s": 60},
+            "max_tokens_cap": 1000,
+        },
+        "telemetry": {"log_format": "json", "access_log": True},
+    }
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+async def start_gateway(config: dict[str, Any]) -> tuple[web.AppRunner, Gateway]:
+    runtime = build_runtime(load_config_text(yaml.safe_dump(config), env={}))
+    app = create_app(runtime)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return runner, Gateway(url=f"http://{host}:{port}", app=app, runtime=app[RUNTIME].current)
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
