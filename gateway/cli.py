@@ -67,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=port,
         access_log=None,
         handler_cancellation=True,
+        backlog=runtime.server.backlog,
         shutdown_timeout=runtime.server.drain_timeout_s,
         print=None,
     )

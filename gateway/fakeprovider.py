@@ -1359,7 +1359,8 @@ class FakeProvider:
     else ``Authorization: Bearer``, on Anthropic routes); ``None`` accepts any non-empty key.
     A missing or rejected key is a 401 in the route's error format. ``recordings_dir``: where
     ``replay`` names resolve. ``record_sent=False`` keeps ``RequestRecord.sent`` empty, for
-    long benchmarks where holding every body would grow memory.
+    long benchmarks where holding every body would grow memory; ``max_records`` bounds the
+    records kept (the newest are kept; counters still count everything).
 
     State (records, counters, per-session attempt counts) lives on the instance; `reset`
     clears it. Use `make_app` to build the aiohttp application, or `start_fake_provider`.
@@ -1371,10 +1372,12 @@ class FakeProvider:
         recordings_dir: Path | None = None,
         *,
         record_sent: bool = True,
+        max_records: int | None = None,
     ) -> None:
         self.keys: frozenset[str] | None = frozenset(keys) if keys is not None else None
         self.recordings_dir = recordings_dir
         self.record_sent = record_sent
+        self.max_records = max_records
         self.records: list[RequestRecord] = []
         self.open_streams = 0
         self.max_open_streams = 0
@@ -1530,6 +1533,10 @@ class FakeProvider:
             record.attempt = self._sessions.get(session, 0)
             self._sessions[session] = record.attempt + 1
         self.records.append(record)
+        cap = self.max_records
+        if cap is not None and len(self.records) > 2 * cap:
+            # Trim in batches: a long-running fake keeps the newest records, bounded memory.
+            del self.records[:-cap]
         self.requests += 1
         self.by_path[record.path] = self.by_path.get(record.path, 0) + 1
         self._notify()
@@ -1928,7 +1935,8 @@ def run_fake_provider(host: str, port: int, recordings_dir: Path | None) -> None
 
     Accepts any non-empty key. Prints one line with the URL once listening.
     """
-    provider = FakeProvider(recordings_dir=recordings_dir)
+    # A long-lived process (demos, benchmarks, users' CI): bounded memory.
+    provider = FakeProvider(recordings_dir=recordings_dir, record_sent=False, max_records=1000)
 
     def announce(message: str) -> None:
         urls = _URL_RE.findall(message)
@@ -1946,5 +1954,8 @@ def run_fake_provider(host: str, port: int, recordings_dir: Path | None) -> None
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=1.0,
+        # aiohttp's default listen backlog (128) drops SYNs when hundreds of clients connect
+        # at once; a dropped SYN costs the client a 1 s retransmit.
+        backlog=1024,
         print=announce,
     )

@@ -78,6 +78,8 @@ def _construct(
                 line = key_node.start_mark.line + 1
                 raise ConfigError(f"{source}:{line}: duplicate key {_dotted((*path, key_s))}")
             out[key_s] = _construct(value_node, (*path, key_s), lines, source, env)
+            # Errors about a key point at the key's own line, not at its block value's first.
+            lines[(*path, key_s)] = key_node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
         return [
@@ -98,10 +100,11 @@ def _scalar(node: yaml.Node) -> Any:
 def _expand(value: str, env: Mapping[str, str], where: str) -> str:
     def sub(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
+        value = env.get(name)
+        if default is not None and not value:  # shell semantics: unset or empty
             return default
+        if value is not None:
+            return value
         raise ConfigError(f"{where}: environment variable {name} is not set (and has no default)")
 
     return _ENV_REF.sub(sub, value)
@@ -118,6 +121,14 @@ def _describe(exc: ValidationError, lines: dict[Path_, int], source: str) -> str
     messages = []
     for err in exc.errors(include_url=False, include_input=False):
         loc: Path_ = tuple(p for p in err["loc"] if isinstance(p, str | int))
+        # The `model: [deployments]` shorthand has no `deployments` node in the YAML.
+        if (
+            len(loc) >= 3
+            and loc[0] == "models"
+            and loc[2] == "deployments"
+            and loc[:3] not in lines
+        ):
+            loc = (*loc[:2], *loc[3:])
         # pydantic inserts the discriminator of a "before" validator's output; keep what maps.
         line = None
         probe = loc

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from pydantic import ValidationError
+
 from gateway.config.loader import ConfigError
 from gateway.config.schema import GatewayConfig, ServerConfig, TelemetryConfig, TimeoutsConfig
 from gateway.errors import ApiFamily
@@ -41,7 +43,7 @@ class ProviderSpec:
     keys: tuple[UpstreamKey, ...] = field(repr=False)
     forward_exact: frozenset[str]
     forward_prefixes: tuple[str, ...]
-    headers: Mapping[str, str]
+    headers: Mapping[str, str] = field(repr=False)  # may carry a token from ${ENV}
     chat_max_tokens_field: str
     anthropic_version: str
 
@@ -78,11 +80,17 @@ class Runtime:
         return [r for name, r in self.routes.items() if caller.may_use(name)]
 
 
-def _timeouts(base: TimeoutsConfig, override: Mapping[str, float] | None) -> Timeouts:
+def _timeouts(model: str, base: TimeoutsConfig, override: Mapping[str, float] | None) -> Timeouts:
     values = base.model_dump()
     if override:
         values.update(override)
-    checked = TimeoutsConfig.model_validate(values)
+    try:
+        checked = TimeoutsConfig.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"models.{model}.policy.timeouts: {problems}") from None
     return Timeouts(
         connect_s=checked.connect_s,
         first_byte_s=checked.first_byte_s,
@@ -143,7 +151,7 @@ def build_runtime(config: GatewayConfig) -> Runtime:
             name=model_name,
             family=deployments[0].provider.api,
             deployments=tuple(deployments),
-            timeouts=_timeouts(config.policy.timeouts, m.policy.timeouts),
+            timeouts=_timeouts(model_name, config.policy.timeouts, m.policy.timeouts),
             max_tokens_cap=cap,
         )
 

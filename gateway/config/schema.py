@@ -33,6 +33,15 @@ _RESERVED_HEADERS = frozenset(
         "connection",
         "content-type",
         "accept-encoding",
+        # hop-by-hop and credential-like headers
+        "te",
+        "trailer",
+        "upgrade",
+        "keep-alive",
+        "expect",
+        "proxy-authorization",
+        "proxy-connection",
+        "cookie",
     }
 )
 
@@ -48,6 +57,9 @@ class _Strict(BaseModel):
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
+    # Listen backlog: aiohttp's default of 128 drops connections when hundreds of clients
+    # connect at once (each drop costs the client a 1 s SYN retransmit).
+    backlog: int = Field(1024, ge=16, le=65535)
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     # Non-stream upstream bodies are buffered (to pass status and body intact); bound them.
     max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)

@@ -37,7 +37,8 @@ def build_upstream_request(
     if max_tokens_cap is not None and endpoint.cap_fields:
         present = False
         for cap_field in endpoint.cap_fields:
-            if cap_field in body:
+            # An explicit null means "no limit" upstream: treat it as absent, not as a value.
+            if body.get(cap_field) is not None:
                 present = True
                 value = as_int(body[cap_field])
                 if value is not None and value > max_tokens_cap:

@@ -33,6 +33,9 @@ def _usage(obj: Any) -> Usage | None:
         return None
     details = obj.get("prompt_tokens_details")
     cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    if cached is None:  # Responses API
+        details = obj.get("input_tokens_details")
+        cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else None
     if cached is None:  # DeepSeek reports prompt_cache_hit_tokens
         cached = as_int(obj.get("prompt_cache_hit_tokens"))
     return Usage(
@@ -180,8 +183,14 @@ class ResponsesObserver:
         elif name == "error":
             obj = _loads(event.data)
             if obj is not None:
-                facts.error_type = short(obj.get("code") or obj.get("type") or "error", 64)
-                facts.error_message = short(obj.get("message"))
+                # Documented shape: code/message at the top; recorded streams also nest them
+                # in an `error` object.
+                nested = obj.get("error")
+                inner: dict[str, Any] = nested if isinstance(nested, dict) else {}
+                facts.error_type = short(
+                    obj.get("code") or inner.get("code") or inner.get("type") or "error", 64
+                )
+                facts.error_message = short(obj.get("message") or inner.get("message"))
 
     def on_end(self) -> None:
         return None
