@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -11,7 +12,14 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.appkeys import HTTP_CLIENT, OUTCOME_SINKS, RUNTIME, OutcomeSink, RuntimeHolder
+from gateway.appkeys import (
+    HTTP_CLIENT,
+    OUTCOME_SINKS,
+    RANDOM,
+    RUNTIME,
+    OutcomeSink,
+    RuntimeHolder,
+)
 from gateway.auth import authenticate
 from gateway.config.runtime import Runtime
 from gateway.errors import GatewayError, Kind
@@ -123,6 +131,7 @@ def create_app(runtime: Runtime) -> web.Application:
     # Bodies are read by the handlers with the runtime's own bound (413 in the caller's format).
     app = web.Application(middlewares=[error_middleware], client_max_size=2**63)
     app[RUNTIME] = RuntimeHolder(runtime)
+    app[RANDOM] = random.Random()  # noqa: S311  (backoff jitter, not a secret)
     sinks: list[OutcomeSink] = [access_log] if runtime.telemetry.access_log else []
     app[OUTCOME_SINKS] = sinks
     app.cleanup_ctx.append(_client_ctx(runtime))

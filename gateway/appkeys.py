@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,6 +26,8 @@ class RuntimeHolder:
 
 RUNTIME = web.AppKey("runtime", RuntimeHolder)
 HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
+# Jitter for retry backoff (an app-level instance: tests can seed it).
+RANDOM = web.AppKey("random", random.Random)
 # Called with every finished request's Outcome and the loop time it ended (access log,
 # telemetry, tests). A sink must be cheap and must not raise.
 OutcomeSink = Callable[["Outcome", float], None]

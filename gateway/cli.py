@@ -46,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def reload() -> None:
             # A bad file leaves the running config in place, whole; the log says why.
             try:
-                new = _load(args.config)
+                new = build_runtime(load_config(args.config), health=app[RUNTIME].current.health)
             except ConfigError as exc:
                 log.error("config reload rejected", error=str(exc))
                 return

@@ -255,6 +255,8 @@ class FakeScript:
     """After N, end the body without the terminator (see ``truncate_mode``)."""
     truncate_mode: TruncateMode = "clean"
     """``clean``: finish the chunked body normally; ``reset``: abort the TCP connection."""
+    reset_before_headers: bool = False
+    """Abort the TCP connection before sending anything (after ``headers_delay_ms``)."""
     tool: bool = False
     """Stream a tool call instead of text."""
     replay: str | None = None
@@ -378,6 +380,7 @@ _CONVERTERS: Final[Mapping[str, _Converter]] = MappingProxyType(
         "error_after": _int_converter(0, None),
         "truncate_after": _int_converter(0, None),
         "truncate_mode": _choice_converter("clean", "reset"),
+        "reset_before_headers": _bool_converter,
         "tool": _bool_converter,
         "replay": _str_converter,
         "replay_part": _int_converter(0, None),
@@ -1642,6 +1645,9 @@ class FakeProvider:
             return await self._send_error(request, record, wire, headers, rej)
         if script.headers_delay_ms:
             await asyncio.sleep(script.headers_delay_ms / 1000)
+        if script.reset_before_headers:
+            self._abort(request, record)
+            return web.Response(status=500)  # never sent: the connection is gone
         if script.status is not None:
             scripted = _Reject.from_script(script, script.status)
             return await self._send_error(request, record, wire, headers, scripted)
@@ -1793,6 +1799,9 @@ class FakeProvider:
             return await self._send_error(request, record, wire, headers, rej)
         if script.headers_delay_ms:
             await asyncio.sleep(script.headers_delay_ms / 1000)
+        if script.reset_before_headers:
+            self._abort(request, record)
+            return web.Response(status=500)  # never sent: the connection is gone
         if script.status is not None:
             scripted = _Reject.from_script(script, script.status)
             return await self._send_error(request, record, wire, headers, scripted)

@@ -1,14 +1,23 @@
-"""Upstream key pools: which of a provider's keys serves the next attempt.
+"""Upstream key pools: which of a provider's keys serves the next attempt, and what a failure
+does to a key's health.
 
-Sans-I/O and synchronous: a pool hands out leases and counts keys in flight. Strategies:
-`least_in_flight` (fewest in flight relative to weight; ties rotate) and
-`weighted_round_robin` (smooth weighted round robin). `max_concurrent_per_key` caps a key.
+Sans-I/O and synchronous; the clock (`now`, epoch seconds) is passed in. A pool hands out
+leases and counts keys in flight. Strategies: `least_in_flight` (fewest in flight relative to
+weight; ties rotate) and `weighted_round_robin` (smooth weighted round robin);
+`max_concurrent_per_key` caps a key. Health (cooldowns, disabled keys, provider backoff) lives
+in a `HealthStore` shared by every pool, every reload and, with a shared backend, every
+instance.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+
+from gateway.retry import KeyAction, Verdict
+from gateway.state import Block, HealthStore, MemoryHealthStore
+
+_NO_RESET = "rate_limited_no_reset"
 
 
 def fingerprint(secret: str) -> str:
@@ -24,6 +33,18 @@ class UpstreamKey:
     fingerprint: str
 
 
+@dataclass(frozen=True, slots=True)
+class KeyHealth:
+    """How a pool treats failures (per provider, from the YAML)."""
+
+    cooldown_s: float = 10.0
+    disable_s: float = 300.0
+    max_disable_s: float = 3600.0
+    spend_cap_429s: int = 3
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 30.0
+
+
 @dataclass(slots=True)
 class _KeyState:
     key: UpstreamKey
@@ -34,17 +55,25 @@ class _KeyState:
 class KeyLease:
     """One key held for one attempt. `release()` is idempotent."""
 
-    __slots__ = ("_pool", "_state", "key")
+    __slots__ = ("_state", "key")
 
-    def __init__(self, pool: KeyPool, state: _KeyState) -> None:
-        self._pool = pool
-        self._state = state
+    def __init__(self, state: _KeyState) -> None:
+        self._state: _KeyState | None = state
         self.key = state.key
 
     def release(self) -> None:
         if self._state is not None:
             self._state.in_flight -= 1
-            self._state = None  # type: ignore[assignment]
+            self._state = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChange:
+    """What a failure changed, for the log line (`subject` is a key id or the provider)."""
+
+    subject: str
+    fingerprint: str | None
+    block: Block
 
 
 class KeyPool:
@@ -54,14 +83,20 @@ class KeyPool:
         keys: tuple[UpstreamKey, ...],
         strategy: str = "least_in_flight",
         max_concurrent_per_key: int | None = None,
+        *,
+        health: HealthStore | None = None,
+        policy: KeyHealth | None = None,
     ) -> None:
         if not keys:
             raise ValueError("a key pool needs at least one key")
         self.provider = provider
         self.strategy = strategy
         self.max_concurrent_per_key = max_concurrent_per_key
+        self.health: HealthStore = health if health is not None else MemoryHealthStore()
+        self.policy = policy or KeyHealth()
         self._states = [_KeyState(k) for k in keys]
         self._rotate = 0
+        self._provider_name = f"provider:{provider}"
 
     @property
     def keys(self) -> tuple[UpstreamKey, ...]:
@@ -73,13 +108,20 @@ class KeyPool:
                 return state.in_flight
         raise KeyError(key_id)
 
-    def acquire(self, exclude: frozenset[str] = frozenset()) -> KeyLease | None:
-        """Lease the best usable key, or None when every key is excluded or at its cap."""
+    def _blocked(self, key: UpstreamKey, now: float) -> bool:
+        block = self.health.get(key.fingerprint)
+        return block is not None and block.until > now
+
+    def acquire(self, now: float, exclude: frozenset[str] = frozenset()) -> KeyLease | None:
+        """Lease the best usable key, or None when every key is excluded, cooling down,
+        disabled or at its cap."""
         cap = self.max_concurrent_per_key
         usable = [
             s
             for s in self._states
-            if s.key.id not in exclude and (cap is None or s.in_flight < cap)
+            if s.key.id not in exclude
+            and (cap is None or s.in_flight < cap)
+            and not self._blocked(s.key, now)
         ]
         if not usable:
             return None
@@ -103,4 +145,103 @@ class KeyPool:
                 if state.in_flight * best.key.weight < best.in_flight * state.key.weight:
                     best = state
         best.in_flight += 1
-        return KeyLease(self, best)
+        return KeyLease(best)
+
+    def usable_keys(self, now: float) -> int:
+        """Keys not cooling down or disabled (in flight or not)."""
+        return sum(1 for s in self._states if not self._blocked(s.key, now))
+
+    def earliest_unblock(self, now: float) -> float | None:
+        """When the first blocked key comes back (None if no key is blocked)."""
+        ends = [
+            b.until
+            for s in self._states
+            if (b := self.health.get(s.key.fingerprint)) is not None and b.until > now
+        ]
+        return min(ends) if ends else None
+
+    def provider_blocked_until(self, now: float) -> float | None:
+        block = self.health.get(self._provider_name)
+        return block.until if block is not None and block.until > now else None
+
+    def key_states(self, now: float) -> list[tuple[UpstreamKey, str, int]]:
+        """(key, state, in flight) per key; state is ok | cooldown | disabled."""
+        out: list[tuple[UpstreamKey, str, int]] = []
+        for s in self._states:
+            block = self.health.get(s.key.fingerprint)
+            state = block.state if block is not None and block.until > now else "ok"
+            out.append((s.key, state, s.in_flight))
+        return out
+
+    def succeeded(self, key: UpstreamKey, now: float) -> None:
+        """A request on `key` got a good answer: forget the strikes of the key and of the
+        provider. A block still running is kept: the request may have started before it."""
+        for name in (key.fingerprint, self._provider_name):
+            block = self.health.get(name)
+            if block is not None and block.until <= now:
+                self.health.clear(name)
+
+    def failed(self, key: UpstreamKey, verdict: Verdict, now: float) -> list[HealthChange]:
+        """Apply a failed attempt's verdict to the key's and the provider's health.
+
+        A strike counts only once the previous block has run out (a failed re-probe), so that
+        requests that were in flight together when a key went bad count once, not N times; an
+        active block is never shortened by a milder verdict.
+        """
+        changes: list[HealthChange] = []
+        policy = self.policy
+        previous = self.health.get(key.fingerprint)
+        active = previous is not None and previous.until > now
+        if active and previous is not None and previous.state == "disabled":
+            pass  # already out of rotation; a late failure changes nothing
+        elif verdict.key_action is KeyAction.DISABLE:
+            strikes = previous.strikes + 1 if previous and previous.state == "disabled" else 1
+            block = Block("disabled", now + self._disable_hold(strikes), verdict.reason, strikes)
+            self.health.put(key.fingerprint, block)
+            changes.append(HealthChange(key.id, key.fingerprint, block))
+        elif verdict.key_action is KeyAction.COOLDOWN:
+            cooled = self._cooldown(previous, verdict, now)
+            if cooled is not None:
+                self.health.put(key.fingerprint, cooled)
+                changes.append(HealthChange(key.id, key.fingerprint, cooled))
+        if verdict.provider_backoff:
+            prev = self.health.get(self._provider_name)
+            if prev is None or prev.until <= now:
+                strikes = prev.strikes + 1 if prev is not None else 1
+                hold = (
+                    verdict.wait_s
+                    if verdict.wait_s is not None
+                    else min(policy.backoff_max_s, policy.backoff_base_s * _doubling(strikes))
+                )
+                backoff = Block("backoff", now + hold, verdict.reason, strikes)
+                self.health.put(self._provider_name, backoff)
+                changes.append(HealthChange(self.provider, None, backoff))
+        return changes
+
+    def _disable_hold(self, strikes: int) -> float:
+        return min(self.policy.max_disable_s, self.policy.disable_s * _doubling(strikes))
+
+    def _cooldown(self, previous: Block | None, verdict: Verdict, now: float) -> Block | None:
+        policy = self.policy
+        if verdict.wait_s is not None:
+            until = now + verdict.wait_s
+            if previous is not None and previous.until >= until:
+                return None  # a longer cooldown is already running
+            return Block("cooldown", until, verdict.reason, 1)
+        # No reset information: a rate limit that does not say when it ends. If it is still
+        # there when the cooldown has run out, again and again, it is a spend cap (Anthropic).
+        if previous is not None and previous.until > now:
+            return None  # concurrent 429s of one episode: one strike
+        if previous is not None and previous.reason == "spend_cap":
+            strikes = previous.strikes + 1  # the re-probe of a spend-capped key failed
+            return Block("disabled", now + self._disable_hold(strikes), "spend_cap", strikes)
+        again = previous is not None and previous.reason == _NO_RESET
+        strikes = previous.strikes + 1 if previous is not None and again else 1
+        if strikes >= policy.spend_cap_429s:
+            return Block("disabled", now + policy.disable_s, "spend_cap", 1)
+        return Block("cooldown", now + policy.cooldown_s, _NO_RESET, strikes)
+
+
+def _doubling(strikes: int) -> float:
+    # Capped exponent: strikes can grow without bound over a long outage.
+    return float(2 ** min(max(strikes - 1, 0), 30))

@@ -8,6 +8,9 @@ final error event (see relay.py).
 from __future__ import annotations
 
 import asyncio
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +18,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.appkeys import HTTP_CLIENT, OUTCOME_SINKS, RUNTIME
+from gateway.appkeys import HTTP_CLIENT, OUTCOME_SINKS, RANDOM, RUNTIME
 from gateway.auth import authenticate
 from gateway.config.runtime import Caller, Deployment, Route, Runtime
 from gateway.errors import (
@@ -26,12 +29,20 @@ from gateway.errors import (
     error_body,
     stream_error_event,
 )
-from gateway.keypool import KeyLease
+from gateway.keypool import HealthChange, KeyLease
 from gateway.logs import get_logger
 from gateway.providers import build_upstream_request
 from gateway.providers.base import Endpoint, ParsedRequest, StreamFacts
 from gateway.relay import StreamEnd, relay_stream
-from gateway.sse import SSEDecoder
+from gateway.retry import (
+    KEY_FAULT_STATUSES,
+    KeyAction,
+    Verdict,
+    backoff_s,
+    classify_status,
+    classify_stream_error,
+)
+from gateway.sse import SSEDecoder, SSEError
 
 _log = get_logger("gateway.access")
 
@@ -39,9 +50,6 @@ _log = get_logger("gateway.access")
 # deliberately not among them: they describe the gateway's quota, not the caller's.
 _PASS_HEADERS = ("x-request-id", "request-id", "retry-after", "retry-after-ms", "x-should-retry")
 _MAX_MODEL_CHARS = 256
-# Upstream statuses that mean "the gateway's key is bad", never the caller's fault: the caller
-# must not see a 401/403 (its SDK would blame the caller's own key).
-_KEY_FAULTS = frozenset({401, 402, 403})
 
 
 @dataclass(slots=True)
@@ -60,6 +68,8 @@ class Outcome:
     upstream_status: int | None = None
     ttfb_ms: float | None = None
     bytes_out: int = 0
+    attempts: int = 0
+    retry_reasons: list[str] = field(default_factory=list)
     facts: StreamFacts | None = field(default=None)
 
 
@@ -180,6 +190,24 @@ def _pass_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
     return out
 
 
+@dataclass(slots=True)
+class _Failure:
+    """A failed attempt: its verdict, and what the client gets if no attempt follows."""
+
+    verdict: Verdict
+    final: Callable[[], web.Response]
+
+
+def _credentials_error(provider: str, status: int) -> GatewayError:
+    return UpstreamFailure(
+        502,
+        Kind.UPSTREAM_CREDENTIALS,
+        f"The upstream provider '{provider}' rejected the gateway's credentials "
+        f"(HTTP {status}); the operator has to fix the key.",
+        reason="upstream_credentials",
+    )
+
+
 class Handler:
     """The aiohttp handler of one endpoint."""
 
@@ -205,7 +233,10 @@ class Handler:
             outcome.outcome = (
                 err.reason if isinstance(err, UpstreamFailure) else err.kind.name.lower()
             )
-            return gateway_error_response(family, err)
+            response = gateway_error_response(family, err)
+            if outcome.attempts:
+                response.headers["x-gateway-attempts"] = str(outcome.attempts)
+            return response
         except asyncio.CancelledError:
             outcome.outcome = "client_cancel"
             raise
@@ -213,6 +244,8 @@ class Handler:
             now = loop.time()
             for sink in request.app[OUTCOME_SINKS]:
                 sink(outcome, now)
+
+    # -- the attempt loop -------------------------------------------------------------------
 
     async def _forward(
         self,
@@ -222,22 +255,77 @@ class Handler:
         route: Route,
         outcome: Outcome,
     ) -> web.StreamResponse:
-        deployment = route.deployments[0]
-        lease = deployment.pool.acquire()
-        if lease is None:
-            raise GatewayError(
-                503,
-                Kind.UPSTREAM_UNAVAILABLE,
-                f"No upstream key is available for the model '{route.name}' right now.",
-                headers={"retry-after": "1"},
+        """Attempts (deployment + key), built afresh from the parsed original each time, until
+        one commits a response or the budget (attempts, deadline) is spent."""
+        loop = asyncio.get_running_loop()
+        policy = route.retry
+        retry_deadline = outcome.started + min(policy.deadline_s, route.timeouts.total_s)
+        tried: list[set[str]] = [set() for _ in route.deployments]
+        rng = request.app[RANDOM]
+        last: _Failure | None = None
+        while outcome.attempts < policy.max_attempts:
+            # A key fault rotates to the next key at once; anything else backs off.
+            if last is not None and last.verdict.key_action is not KeyAction.DISABLE:
+                delay = backoff_s(outcome.attempts, policy.base_delay_s, policy.max_delay_s, rng)
+                if loop.time() + delay >= retry_deadline:
+                    break
+                await asyncio.sleep(delay)
+            choice = _choose(route, time.time(), tried)
+            if not isinstance(choice, tuple):
+                wait = None if choice is None else choice - time.time()
+                if (
+                    wait is not None
+                    and wait <= policy.max_retry_after_s
+                    and loop.time() + wait < retry_deadline
+                ):
+                    # Every key is cooling down (or the provider backing off) for a short
+                    # while: waiting is better than failing.
+                    await asyncio.sleep(max(wait, 0.0))
+                    continue
+                raise _no_key_error(route, wait)
+            index, deployment, lease = choice
+            tried[index].add(lease.key.id)
+            outcome.attempts += 1
+            outcome.deployment = f"{deployment.provider.name}/{deployment.model}"
+            outcome.key_id = lease.key.id
+            outcome.key_fp = lease.key.fingerprint
+            try:
+                result = await self._attempt(
+                    request, runtime, parsed, route, deployment, lease, outcome
+                )
+            finally:
+                lease.release()
+            if not isinstance(result, _Failure):
+                deployment.pool.succeeded(lease.key, time.time())
+                return result
+            verdict = result.verdict
+            outcome.retry_reasons.append(verdict.reason)
+            for change in deployment.pool.failed(lease.key, verdict, time.time()):
+                _log_health(deployment.provider.name, change)
+            if not verdict.retryable:
+                return self._final(result, outcome)
+            last = result
+            _log.info(
+                "upstream attempt failed",
+                attempt=outcome.attempts,
+                reason=verdict.reason,
+                deployment=outcome.deployment,
+                key_id=lease.key.id,
+                key_fp=lease.key.fingerprint,
+                caller=outcome.caller,
             )
-        outcome.deployment = f"{deployment.provider.name}/{deployment.model}"
-        outcome.key_id = lease.key.id
-        outcome.key_fp = lease.key.fingerprint
-        try:
-            return await self._attempt(request, runtime, parsed, route, deployment, lease, outcome)
-        finally:
-            lease.release()
+        if last is None:  # max_attempts < 1 cannot happen (schema), but keep mypy honest
+            raise _no_key_error(route, None)
+        return self._final(last, outcome)
+
+    def _final(self, failure: _Failure, outcome: Outcome) -> web.Response:
+        response = failure.final()
+        outcome.status = response.status
+        outcome.outcome = failure.verdict.reason
+        response.headers["x-gateway-attempts"] = str(outcome.attempts)
+        if outcome.deployment is not None:
+            response.headers["x-gateway-deployment"] = outcome.deployment
+        return response
 
     async def _attempt(
         self,
@@ -248,7 +336,9 @@ class Handler:
         deployment: Deployment,
         lease: KeyLease,
         outcome: Outcome,
-    ) -> web.StreamResponse:
+    ) -> web.StreamResponse | _Failure:
+        """One attempt. Returns the committed response, or a _Failure while nothing has been
+        sent to the client."""
         loop = asyncio.get_running_loop()
         timeouts = route.timeouts
         deadline = outcome.started + timeouts.total_s
@@ -273,53 +363,60 @@ class Handler:
                     ),
                 )
         except aiohttp.ConnectionTimeoutError:
-            raise UpstreamFailure(
+            return self._fail(
                 504,
                 Kind.UPSTREAM_TIMEOUT,
+                "connect_timeout",
                 f"Timed out connecting to the upstream provider '{provider}'.",
-                reason="connect_timeout",
-            ) from None
+            )
         except TimeoutError:
-            raise UpstreamFailure(
+            return self._fail(
                 504,
                 Kind.UPSTREAM_TIMEOUT,
+                "first_byte_timeout",
                 f"The upstream provider '{provider}' sent no response within {first_byte_s:g} s.",
-                reason="first_byte_timeout",
-            ) from None
+            )
         except aiohttp.ClientConnectorError:
-            raise UpstreamFailure(
+            return self._fail(
                 502,
                 Kind.UPSTREAM_UNAVAILABLE,
+                "connect_error",
                 f"Could not connect to the upstream provider '{provider}'.",
-                reason="connect_error",
-            ) from None
+            )
         except (aiohttp.ClientError, OSError):
-            raise UpstreamFailure(
+            return self._fail(
                 502,
                 Kind.UPSTREAM_ERROR,
+                "upstream_reset",
                 f"The connection to the upstream provider '{provider}' failed before a response.",
-                reason="upstream_error",
-            ) from None
+            )
         outcome.upstream_status = upstream.status
         try:
             content_type = upstream.headers.get("content-type", "")
             if upstream.status < 300 and content_type.startswith("text/event-stream"):
                 return await self._stream(
-                    request, parsed, upstream, outcome, first_byte_deadline, deadline, route
+                    request,
+                    parsed,
+                    upstream,
+                    outcome,
+                    first_byte_deadline,
+                    deadline,
+                    route,
+                    deployment,
+                    runtime,
                 )
-            return await self._buffered(runtime, parsed, upstream, outcome, deadline, provider)
+            return await self._buffered(runtime, upstream, outcome, deadline, provider)
         finally:
             upstream.close()
 
     async def _buffered(
         self,
         runtime: Runtime,
-        parsed: ParsedRequest,
         upstream: aiohttp.ClientResponse,
         outcome: Outcome,
         deadline: float,
         provider: str,
-    ) -> web.Response:
+    ) -> web.Response | _Failure:
         limit = runtime.server.max_response_bytes
         buf = bytearray()
         try:
@@ -330,49 +427,45 @@ class Handler:
                         break
                     buf += chunk
                     if len(buf) > limit:
-                        raise UpstreamFailure(
+                        return self._fail(
                             502,
                             Kind.UPSTREAM_ERROR,
+                            "response_too_large",
                             f"The upstream response is larger than {limit} bytes.",
-                            reason="response_too_large",
+                            retryable=False,
                         )
         except TimeoutError:
-            raise UpstreamFailure(
+            return self._fail(
                 504,
                 Kind.UPSTREAM_TIMEOUT,
+                "total_timeout",
                 f"The upstream provider '{provider}' did not finish within the time limit.",
-                reason="total_timeout",
-            ) from None
+                retryable=False,
+            )
         except (aiohttp.ClientError, OSError):
-            raise UpstreamFailure(
+            return self._fail(
                 502,
                 Kind.UPSTREAM_ERROR,
+                "payload_error",
                 f"The upstream provider '{provider}' broke the connection mid-response.",
-                reason="payload_error",
-            ) from None
-        status = upstream.status
-        if status in _KEY_FAULTS:
-            raise UpstreamFailure(
-                502,
-                Kind.UPSTREAM_CREDENTIALS,
-                f"The upstream provider '{provider}' rejected the gateway's credentials "
-                f"(HTTP {status}); the operator has to fix the key.",
-                reason="upstream_credentials",
             )
+        status = upstream.status
         body = bytes(buf)
-        if status >= 400:
-            body = _scrub(body, runtime.secrets)
-            outcome.outcome = "upstream_error"
-        outcome.status = status
-        outcome.bytes_out = len(body)
         headers = _pass_headers(upstream)
-        return web.Response(
-            status=status,
-            body=body,
-            headers={
-                **headers,
-                "content-type": upstream.headers.get("content-type", "application/json"),
-            },
+        headers["content-type"] = upstream.headers.get("content-type", "application/json")
+        if status < 300:
+            outcome.status = status
+            outcome.bytes_out = len(body)
+            response = web.Response(status=status, body=body, headers=headers)
+            self._stamp(response, outcome)
+            return response
+        verdict = classify_status(status, upstream.headers, body, time.time())
+        if status in KEY_FAULT_STATUSES:
+            error = _credentials_error(provider, status)
+            return _Failure(verdict, lambda: gateway_error_response(self.endpoint.family, error))
+        scrubbed = _scrub(body, runtime.secrets)
+        return _Failure(
+            verdict, lambda: web.Response(status=status, body=scrubbed, headers=headers)
         )
 
     async def _stream(
@@ -384,48 +477,92 @@ class Handler:
         first_byte_deadline: float,
         deadline: float,
         route: Route,
-    ) -> web.StreamResponse:
+        deployment: Deployment,
+        runtime: Runtime,
+    ) -> web.StreamResponse | _Failure:
         loop = asyncio.get_running_loop()
         endpoint = self.endpoint
-        provider = route.deployments[0].provider.name
-        # Hold the response until the first body bytes arrived: until then a failure is still a
-        # plain HTTP error the client's SDK understands.
+        provider = deployment.provider.name
+        assert endpoint.observer is not None
+        observer = endpoint.observer()
+        decoder = SSEDecoder()
+        # Hold the response until the first event is whole: until then a failure (nothing
+        # sent, an error as the first event) is still retryable. Bounded: one event, 64 KiB.
+        held = bytearray()
+        facts = observer.facts
+        first_is_error = False
         try:
             async with asyncio.timeout_at(first_byte_deadline):
-                first = await upstream.content.readany()
+                while facts.events == 0 and len(held) < _PEEK_LIMIT:
+                    chunk = await upstream.content.readany()
+                    if not chunk:
+                        break
+                    held += chunk
+                    now = loop.time()
+                    for event in decoder.feed(chunk):
+                        observer.on_event(event, now)
+                        if facts.events == 1:
+                            first_is_error = facts.error_type is not None
         except TimeoutError:
-            raise UpstreamFailure(
-                504,
-                Kind.UPSTREAM_TIMEOUT,
-                f"The upstream provider '{provider}' sent no data within "
-                f"{route.timeouts.first_byte_s:g} s.",
-                reason="first_byte_timeout",
-            ) from None
+            if not held:
+                return self._fail(
+                    504,
+                    Kind.UPSTREAM_TIMEOUT,
+                    "first_byte_timeout",
+                    f"The upstream provider '{provider}' sent no data within "
+                    f"{route.timeouts.first_byte_s:g} s.",
+                )
+        except SSEError:
+            pass  # not decodable as SSE: relay it as it is, observing nothing
         except (aiohttp.ClientError, OSError):
-            raise UpstreamFailure(
+            return self._fail(
                 502,
                 Kind.UPSTREAM_ERROR,
-                f"The upstream provider '{provider}' broke the stream before its first byte.",
-                reason="payload_error",
-            ) from None
-        if not first:
-            raise UpstreamFailure(
-                502,
-                Kind.UPSTREAM_ERROR,
-                f"The upstream provider '{provider}' ended the stream without sending anything.",
-                reason="empty_stream",
+                "payload_error",
+                f"The upstream provider '{provider}' broke the stream before its first event.",
             )
+        if not held:
+            return self._fail(
+                502,
+                Kind.UPSTREAM_ERROR,
+                "empty_stream",
+                f"The upstream provider '{provider}' ended the stream without sending anything.",
+            )
+        if first_is_error:
+            verdict = classify_stream_error(facts.error_type)
+            if verdict.retryable:
+                kind, status = _STREAM_ERROR_KINDS.get(verdict.reason, (Kind.UPSTREAM_ERROR, 502))
+                message = _scrub(
+                    (facts.error_message or facts.error_type or "error").encode(), runtime.secrets
+                ).decode(errors="replace")
+                error = UpstreamFailure(
+                    status,
+                    kind,
+                    f"The upstream provider '{provider}' failed: {message}",
+                    reason=verdict.reason,
+                )
+                return _Failure(
+                    verdict, lambda: gateway_error_response(self.endpoint.family, error)
+                )
+            # Not worth retrying (the request itself is bad): the client gets the upstream's
+            # own error stream.
+
         outcome.ttfb_ms = (loop.time() - outcome.started) * 1000
         headers = _pass_headers(upstream)
         headers["Content-Type"] = upstream.headers.get("content-type", "text/event-stream")
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        assert endpoint.observer is not None
-        observer = endpoint.observer()
-        outcome.facts = observer.facts
+        self._stamp(response, outcome)
+        outcome.facts = facts
         outcome.status = upstream.status
         await response.prepare(request)
+        try:
+            await response.write(bytes(held))
+        except ConnectionResetError:
+            outcome.outcome = StreamEnd.CLIENT_CANCEL.value
+            return response
+        del held
 
         def error_event(end: StreamEnd) -> bytes:
             messages = {
@@ -454,21 +591,114 @@ class Handler:
             request,
             upstream,
             response,
-            first,
-            SSEDecoder(),
+            decoder,
             observer,
             chunk_s=route.timeouts.chunk_s,
             deadline=deadline,
+            keepalive_s=runtime.server.keepalive_comment_s,
             error_event=error_event,
         )
         outcome.outcome = result.end.value
         outcome.bytes_out = result.bytes_out
+        if result.end in (StreamEnd.CHUNK_TIMEOUT, StreamEnd.TOTAL_TIMEOUT):
+            _log.warning(
+                "stream killed",
+                reason=result.end.value,
+                deployment=outcome.deployment,
+                key_id=outcome.key_id,
+                caller=outcome.caller,
+                events=facts.events,
+            )
         if not result.aborted and result.end is not StreamEnd.CLIENT_CANCEL:
             try:
                 await response.write_eof()
             except ConnectionResetError:
                 outcome.outcome = StreamEnd.CLIENT_CANCEL.value
         return response
+
+    def _fail(
+        self, status: int, kind: Kind, reason: str, message: str, *, retryable: bool = True
+    ) -> _Failure:
+        """A failure the gateway itself describes (connect error, timeout, broken body)."""
+        error = UpstreamFailure(status, kind, message, reason=reason)
+        family = self.endpoint.family
+        return _Failure(Verdict(retryable, reason), lambda: gateway_error_response(family, error))
+
+    @staticmethod
+    def _stamp(response: web.StreamResponse, outcome: Outcome) -> None:
+        if outcome.deployment is not None:
+            response.headers["x-gateway-deployment"] = outcome.deployment
+        response.headers["x-gateway-attempts"] = str(outcome.attempts)
+
+
+_PEEK_LIMIT = 64 * 1024
+# How a retryable first-event error is told to the client when no attempt is left.
+_STREAM_ERROR_KINDS = {
+    "first_event_overloaded": (Kind.OVERLOADED, 529),
+    "first_event_rate_limited": (Kind.RATE_LIMITED, 429),
+}
+
+
+def _choose(
+    route: Route, now: float, tried: list[set[str]]
+) -> tuple[int, Deployment, KeyLease] | float | None:
+    """The next deployment and key: deployments in order, keys not yet tried in this request
+    first; a provider backing off is skipped. When nothing is usable, the epoch time when
+    something comes back (or None if nothing is blocked, only busy)."""
+    soonest: float | None = None
+    for prefer_untried in (True, False):
+        for index, deployment in enumerate(route.deployments):
+            pool = deployment.pool
+            backoff = pool.provider_blocked_until(now)
+            if backoff is not None:
+                soonest = backoff if soonest is None else min(soonest, backoff)
+                continue
+            exclude = frozenset(tried[index]) if prefer_untried else frozenset()
+            lease = pool.acquire(now, exclude)
+            if lease is not None:
+                return index, deployment, lease
+            unblock = pool.earliest_unblock(now)
+            if unblock is not None:
+                soonest = unblock if soonest is None else min(soonest, unblock)
+    return soonest
+
+
+def _no_key_error(route: Route, wait: float | None) -> GatewayError:
+    if wait is None:
+        return GatewayError(
+            503,
+            Kind.UPSTREAM_UNAVAILABLE,
+            f"Every upstream key for the model '{route.name}' is at its concurrency limit.",
+            headers={"retry-after": "1"},
+        )
+    seconds = max(1, math.ceil(wait))
+    return GatewayError(
+        503,
+        Kind.UPSTREAM_UNAVAILABLE,
+        f"No upstream key is usable for the model '{route.name}': every key is cooling down "
+        f"or disabled, or the provider is backing off. Retry in {seconds} s.",
+        headers={"retry-after": str(seconds), "retry-after-ms": str(int(wait * 1000))},
+    )
+
+
+def _log_health(provider: str, change: HealthChange) -> None:
+    block = change.block
+    fields = {
+        "provider": provider,
+        "reason": block.reason,
+        "seconds": round(max(0.0, block.until - time.time()), 3),
+        "strikes": block.strikes,
+    }
+    if block.state == "disabled":
+        _log.error(
+            "upstream key disabled", key_id=change.subject, key_fp=change.fingerprint, **fields
+        )
+    elif block.state == "cooldown":
+        _log.warning(
+            "upstream key cooling down", key_id=change.subject, key_fp=change.fingerprint, **fields
+        )
+    else:
+        _log.warning("upstream provider backing off", **fields)
 
 
 def access_log(o: Outcome, now: float) -> None:
@@ -483,8 +713,11 @@ def access_log(o: Outcome, now: float) -> None:
         "outcome": o.outcome,
         "stream": o.stream,
         "upstream_status": o.upstream_status,
+        "attempts": o.attempts,
         "duration_ms": round((now - o.started) * 1000, 3),
     }
+    if o.retry_reasons:
+        fields["retry_reasons"] = o.retry_reasons
     if o.ttfb_ms is not None:
         fields["ttfb_ms"] = round(o.ttfb_ms, 3)
     facts = o.facts

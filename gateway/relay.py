@@ -43,13 +43,30 @@ class RelayResult:
     aborted: bool  # the client connection was cut instead of ending cleanly
 
 
+_KEEPALIVE = b": keep-alive\n\n"
+
+
 class _Watchdog:
-    """Cancels the relaying task when the upstream is silent too long or the deadline passes.
+    """Interrupts the relaying task when the upstream is silent too long (kill), when the
+    deadline passes (kill), or when a keep-alive comment is due (the relay writes it and
+    goes back to reading).
 
     Per chunk the relay only stores `waiting_since`; the timer re-arms itself lazily.
     """
 
-    __slots__ = ("_handle", "_loop", "_task", "deadline", "fired", "idle_s", "waiting_since")
+    __slots__ = (
+        "_handle",
+        "_loop",
+        "_task",
+        "at_boundary",
+        "deadline",
+        "fired",
+        "idle_s",
+        "keepalive_due",
+        "keepalive_s",
+        "last_write",
+        "waiting_since",
+    )
 
     def __init__(
         self,
@@ -57,14 +74,28 @@ class _Watchdog:
         task: asyncio.Task[object],
         idle_s: float,
         deadline: float,
+        keepalive_s: float,
+        at_boundary: Callable[[], bool],
     ) -> None:
         self._loop = loop
         self._task = task
         self.idle_s = idle_s
         self.deadline = deadline
+        self.keepalive_s = keepalive_s
+        self.at_boundary = at_boundary
+        now = loop.time()
         self.waiting_since: float | None = None  # None while not waiting on the upstream
+        self.last_write = now
         self.fired: StreamEnd | None = None
-        self._handle = loop.call_at(min(loop.time() + idle_s, deadline), self._check)
+        self.keepalive_due = False
+        self._handle = loop.call_at(self._next(now), self._check)
+
+    def _next(self, now: float) -> float:
+        since = self.waiting_since if self.waiting_since is not None else now
+        due = since + self.idle_s
+        if self.keepalive_s:
+            due = min(due, max(self.last_write, since) + self.keepalive_s)
+        return min(due, self.deadline)
 
     def _check(self) -> None:
         now = self._loop.time()
@@ -73,12 +104,27 @@ class _Watchdog:
             self._task.cancel()
             return
         since = self.waiting_since
-        due = (since if since is not None else now) + self.idle_s
-        if since is not None and now >= due:
-            self.fired = StreamEnd.CHUNK_TIMEOUT
-            self._task.cancel()
-            return
-        self._handle = self._loop.call_at(min(due, self.deadline), self._check)
+        if since is not None:
+            if now >= since + self.idle_s:
+                self.fired = StreamEnd.CHUNK_TIMEOUT
+                self._task.cancel()
+                return
+            if (
+                self.keepalive_s
+                and now >= max(self.last_write, since) + self.keepalive_s
+                and self.at_boundary()
+            ):
+                self.keepalive_due = True
+                self._task.cancel()
+                return
+        self._handle = self._loop.call_at(max(self._next(now), now + 0.001), self._check)
+
+    def resume(self) -> None:
+        """After a keep-alive was written: clear the signal and re-arm."""
+        self.keepalive_due = False
+        now = self._loop.time()
+        self.last_write = now
+        self._handle = self._loop.call_at(self._next(now), self._check)
 
     def stop(self) -> None:
         self._handle.cancel()
@@ -88,42 +134,55 @@ async def relay_stream(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     response: web.StreamResponse,
-    first_chunk: bytes,
     decoder: SSEDecoder,
     observer: StreamObserver,
     *,
     chunk_s: float,
     deadline: float,
+    keepalive_s: float,
     error_event: Callable[[StreamEnd], bytes],
 ) -> RelayResult:
-    """Forward the rest of an already-prepared SSE response.
+    """Forward the rest of an already-prepared SSE response, reading upstream from where the
+    caller's peek stopped (what it read is already written, fed and observed).
 
-    `first_chunk` has been read but not yet written (nor observed). `error_event(end)` renders
-    the final event that tells the client why the gateway ended a stream the upstream did not
-    end properly (truncated, broken, timed out). Never raises for upstream or client failures
-    (they are the result); re-raises a CancelledError that is not its own (client gone).
-    The caller closes `upstream` in every case.
+    `error_event(end)` renders the final event that tells the client why the gateway ended a
+    stream the upstream did not end properly (truncated, broken, timed out). Keep-alive
+    comments go out after `keepalive_s` of upstream silence, only at event boundaries.
+    Never raises for upstream or client failures (they are the result); re-raises a
+    CancelledError that is not its own (client gone). The caller closes `upstream`.
     """
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    watchdog = _Watchdog(loop, task, chunk_s, deadline)
+    observing = True
+
+    def at_boundary() -> bool:
+        return observing and decoder.at_boundary
+
+    watchdog = _Watchdog(loop, task, chunk_s, deadline, keepalive_s, at_boundary)
     content = upstream.content
     write = response.write
     feed = decoder.feed
     on_event = observer.on_event
-    observing = True
     out = 0
-    chunk = first_chunk
     end = StreamEnd.OK
+    resumed = False  # back from a keep-alive: the upstream's silence goes on
     try:
-        try:
-            while chunk:
+        while True:
+            try:
+                if not resumed:
+                    watchdog.waiting_since = loop.time()
+                resumed = False
+                chunk = await content.readany()
+                watchdog.waiting_since = None
+                if not chunk:
+                    break
                 try:
                     await write(chunk)
                 except ConnectionResetError:
                     return RelayResult(StreamEnd.CLIENT_CANCEL, out, aborted=False)
                 out += len(chunk)
+                watchdog.last_write = loop.time()
                 if observing:
                     try:
                         events = feed(chunk)
@@ -135,18 +194,25 @@ async def relay_stream(
                             now = loop.time()
                             for event in events:
                                 on_event(event, now)
-                watchdog.waiting_since = loop.time()
-                chunk = await content.readany()
-                watchdog.waiting_since = None
-        except asyncio.CancelledError:
-            if watchdog.fired is not None and task.uncancel() == 0:
-                end = watchdog.fired
-            else:
-                raise
-        except aiohttp.ClientPayloadError:
-            end = StreamEnd.PAYLOAD_ERROR
-        except (aiohttp.ClientError, OSError):
-            end = StreamEnd.PAYLOAD_ERROR
+            except asyncio.CancelledError:
+                fired = watchdog.fired
+                if (fired is None and not watchdog.keepalive_due) or task.uncancel() != 0:
+                    raise
+                if fired is None:
+                    # Upstream silence: the upstream read was interrupted without losing data
+                    # (aiohttp keeps what arrived buffered); tell idle proxies we are alive.
+                    try:
+                        await write(_KEEPALIVE)
+                    except ConnectionResetError:
+                        return RelayResult(StreamEnd.CLIENT_CANCEL, out, aborted=False)
+                    watchdog.resume()
+                    resumed = True
+                    continue
+                end = fired
+                break
+            except (aiohttp.ClientError, OSError):
+                end = StreamEnd.PAYLOAD_ERROR
+                break
     finally:
         watchdog.stop()
     observer.on_end()
@@ -154,7 +220,7 @@ async def relay_stream(
     if end is StreamEnd.OK:
         if facts.error_type is not None:
             return RelayResult(StreamEnd.UPSTREAM_ERROR, out, aborted=False)
-        if facts.done:
+        if facts.done or not observing:
             return RelayResult(StreamEnd.OK, out, aborted=False)
         end = StreamEnd.TRUNCATED
     elif facts.error_type is not None and end is StreamEnd.PAYLOAD_ERROR:

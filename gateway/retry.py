@@ -27,6 +27,8 @@ KEY_FAULT_STATUSES = frozenset({401, 402, 403})
 # Quota/spend errors: waiting does not help, the key must leave rotation.
 _QUOTA_CODES = frozenset({"insufficient_quota", "billing_error", "billing_hard_limit_reached"})
 
+# A wait beyond this is not a wait but garbage (or `inf`): ignored, the next source is used.
+_MAX_WAIT_S = 7 * 86400.0
 _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _GO_DURATION_FULL = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|h|m|s))+$")
 _RESET_HEADERS_OPENAI = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
@@ -76,16 +78,17 @@ def retry_after_s(headers: Mapping[str, str], now_epoch: float) -> float | None:
             ms = float(value)
         except ValueError:
             ms = -1
-        if ms >= 0:
+        if 0 <= ms < _MAX_WAIT_S * 1000:
             return ms / 1000
     value = headers.get("retry-after")
     if value:
         value = value.strip()
+        seconds: float | None
         try:
             seconds = float(value)
         except ValueError:
             seconds = _http_date_delta(value, now_epoch)
-        if seconds is not None and seconds >= 0:
+        if seconds is not None and 0 <= seconds < _MAX_WAIT_S:
             return seconds
     waits = []
     for name in _RESET_HEADERS_OPENAI:
@@ -186,5 +189,5 @@ def classify_stream_error(error_type: str | None) -> Verdict:
 
 def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
     """Full-jitter exponential backoff before attempt number `attempt` (1 = the first retry)."""
-    ceiling = min(max_s, base_s * (2 ** max(0, attempt - 1)))
+    ceiling = min(max_s, base_s * (2 ** min(max(0, attempt - 1), 30)))
     return rng.uniform(0.0, ceiling)

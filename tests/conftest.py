@@ -10,9 +10,8 @@ from aiohttp import web
 
 from gateway.fakeprovider import FakeProvider, start_fake_provider
 from tests.support import (
-    ANTHROPIC_KEYS,
+    ACCEPTED_KEYS,
     RECORDINGS,
-    UPSTREAM_KEYS,
     Fake,
     Gateway,
     GatewayFactory,
@@ -24,7 +23,7 @@ from tests.support import (
 
 @pytest.fixture
 async def fake() -> AsyncIterator[Fake]:
-    provider = FakeProvider(keys=set(UPSTREAM_KEYS + ANTHROPIC_KEYS), recordings_dir=RECORDINGS)
+    provider = FakeProvider(keys=set(ACCEPTED_KEYS), recordings_dir=RECORDINGS)
     runner, url = await start_fake_provider(provider)
     yield Fake(provider, url)
     await runner.cleanup()

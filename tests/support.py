@@ -25,6 +25,11 @@ CALLER_KEY = "gw-test-caller-key-0001"
 OTHER_CALLER_KEY = "gw-test-caller-key-0002"
 UPSTREAM_KEYS = ("sk-test-upstream-aaaa1111", "sk-test-upstream-bbbb2222")
 ANTHROPIC_KEYS = ("sk-ant-test-upstream-cccc3333",)
+# Accepted by the fake too, for a second (fallback) deployment with keys of its own.
+FALLBACK_KEYS = ("sk-test-fallback-dddd4444",)
+# Keys the fake rejects with 401 (revoked).
+REVOKED_KEYS = ("sk-test-revoked-eeee5555", "sk-test-revoked-ffff6666")
+ACCEPTED_KEYS = frozenset(UPSTREAM_KEYS + ANTHROPIC_KEYS + FALLBACK_KEYS)
 
 
 def sha(text: str) -> str:
@@ -86,6 +91,8 @@ def base_config(fake_url: str) -> dict[str, Any]:
         },
         "policy": {
             "timeouts": {"connect_s": 2, "first_byte_s": 5, "chunk_s": 5, "total_s": 60},
+            # Short backoffs keep the suite fast; the retry maths has its own unit tests.
+            "retry": {"base_delay_ms": 5, "max_delay_ms": 20},
             "max_tokens_cap": 1000,
         },
         "telemetry": {"log_format": "json", "access_log": True},

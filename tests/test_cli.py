@@ -44,7 +44,12 @@ def test_check_config_accepts_the_shipped_configs() -> None:
     demo = run_cli("check-config", "config/demo.yaml")
     assert demo.returncode == 0, demo.stderr
     assert "OK" in demo.stdout
-    keys = {"OPENAI_KEY_1": "a", "OPENAI_KEY_2": "b", "ANTHROPIC_KEY_1": "c"}
+    keys = {
+        "OPENAI_KEY_1": "a",
+        "OPENAI_KEY_2": "b",
+        "ANTHROPIC_KEY_1": "c",
+        "ANTHROPIC_ORG_B_KEY": "d",
+    }
     example = run_cli("check-config", "config/gateway.example.yaml", env=keys)
     assert example.returncode == 0, example.stderr
 

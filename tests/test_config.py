@@ -511,8 +511,8 @@ def test_unknown_timeout_name_in_override_is_rejected() -> None:
     )
     message = error_of(text)
     assert (
-        f"test.yaml:{line_of(text, 'idle_s')}: models.o3.policy.timeouts: Value error, "
-        "unknown timeout(s) idle_s" in message
+        f"test.yaml:{line_of(text, 'idle_s')}: unknown key models.o3.policy.timeouts.idle_s"
+        in message
     )
 
 
@@ -694,6 +694,7 @@ EXAMPLE_ENV = {
     "OPENAI_KEY_1": "sk-example-openai-1",
     "OPENAI_KEY_2": "sk-example-openai-2",
     "ANTHROPIC_KEY_1": "sk-ant-example-1",
+    "ANTHROPIC_ORG_B_KEY": "sk-ant-example-org-b",
 }
 
 

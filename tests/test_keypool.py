@@ -15,7 +15,7 @@ def key(key_id: str, weight: int = 1) -> UpstreamKey:
 
 
 def lease(pool: KeyPool, exclude: frozenset[str] = frozenset()) -> KeyLease:
-    got = pool.acquire(exclude)
+    got = pool.acquire(0.0, exclude)
     assert got is not None
     return got
 
@@ -128,12 +128,12 @@ def test_max_concurrent_per_key(strategy: str) -> None:
     pool = KeyPool("p", (key("a"), key("b")), strategy, max_concurrent_per_key=2)
     held = [lease(pool) for _ in range(4)]
     assert in_flight(pool) == {"a": 2, "b": 2}
-    assert pool.acquire() is None
+    assert pool.acquire(0.0) is None
     assert in_flight(pool) == {"a": 2, "b": 2}  # a failed acquire leaves no trace
     released = next(x for x in held if x.key.id == "b")
     released.release()
     assert lease(pool).key.id == "b"
-    assert pool.acquire() is None
+    assert pool.acquire(0.0) is None
 
 
 def test_release_is_idempotent() -> None:
@@ -152,11 +152,11 @@ def test_release_is_idempotent() -> None:
 def test_release_frees_a_capped_slot_once() -> None:
     pool = KeyPool("p", (key("a"),), max_concurrent_per_key=1)
     first = lease(pool)
-    assert pool.acquire() is None
+    assert pool.acquire(0.0) is None
     first.release()
     second = lease(pool)
     first.release()  # a stale second release must not free the slot `second` holds
-    assert pool.acquire() is None
+    assert pool.acquire(0.0) is None
     second.release()
     assert pool.in_flight("a") == 0
 
@@ -175,7 +175,7 @@ def test_exclude(strategy: str) -> None:
         got = lease(pool, frozenset({"a", "c"}))
         assert got.key.id == "b"
         got.release()
-    assert pool.acquire(frozenset({"a", "b", "c"})) is None
+    assert pool.acquire(0.0, frozenset({"a", "b", "c"})) is None
     assert in_flight(pool) == {"a": 0, "b": 0, "c": 0}
     ids = {lease(pool, frozenset({"b"})).key.id for _ in range(4)}
     assert ids == {"a", "c"}

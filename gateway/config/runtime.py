@@ -9,13 +9,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gateway.config.loader import ConfigError
-from gateway.config.schema import GatewayConfig, ServerConfig, TelemetryConfig, TimeoutsConfig
+from gateway.config.schema import (
+    GatewayConfig,
+    RetryConfig,
+    RetryOverride,
+    ServerConfig,
+    TelemetryConfig,
+    TimeoutsConfig,
+    TimeoutsOverride,
+)
 from gateway.errors import ApiFamily
-from gateway.keypool import KeyPool, UpstreamKey, fingerprint
+from gateway.keypool import KeyHealth, KeyPool, UpstreamKey, fingerprint
+from gateway.state import HealthStore, MemoryHealthStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +46,15 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int
+    base_delay_s: float
+    max_delay_s: float
+    max_retry_after_s: float
+    deadline_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderSpec:
     name: str
     api: ApiFamily
@@ -46,6 +65,10 @@ class ProviderSpec:
     headers: Mapping[str, str] = field(repr=False)  # may carry a token from ${ENV}
     chat_max_tokens_field: str
     anthropic_version: str
+    cooldown_s: float
+    disable_s: float
+    max_disable_s: float
+    spend_cap_429s: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +84,7 @@ class Route:
     family: ApiFamily
     deployments: tuple[Deployment, ...]
     timeouts: Timeouts
+    retry: RetryPolicy
     max_tokens_cap: int | None
 
 
@@ -73,6 +97,9 @@ class Runtime:
     routes: Mapping[str, Route]
     providers: Mapping[str, ProviderSpec]
     pools: Mapping[str, KeyPool] = field(repr=False)
+    # Key and provider health: passed from runtime to runtime on reload, so a reload does not
+    # bring a disabled key back.
+    health: HealthStore = field(repr=False)
     # Every upstream secret, longest first: scrubbed from any upstream body passed to a caller.
     secrets: tuple[bytes, ...] = field(repr=False)
 
@@ -80,28 +107,38 @@ class Runtime:
         return [r for name, r in self.routes.items() if caller.may_use(name)]
 
 
-def _timeouts(model: str, base: TimeoutsConfig, override: Mapping[str, float] | None) -> Timeouts:
+def _merged(model: str, section: str, base: BaseModel, override: BaseModel) -> dict[str, Any]:
     values = base.model_dump()
-    if override:
-        values.update(override)
+    values.update(override.model_dump(exclude_none=True))
     try:
-        checked = TimeoutsConfig.model_validate(values)
+        return type(base).model_validate(values).model_dump()
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc']) or section}: {e['msg']}" for e in exc.errors()
         )
-        raise ConfigError(f"models.{model}.policy.timeouts: {problems}") from None
-    return Timeouts(
-        connect_s=checked.connect_s,
-        first_byte_s=checked.first_byte_s,
-        chunk_s=checked.chunk_s,
-        total_s=checked.total_s,
+        raise ConfigError(f"models.{model}.policy.{section}: {problems}") from None
+
+
+def _timeouts(model: str, base: TimeoutsConfig, override: TimeoutsOverride) -> Timeouts:
+    return Timeouts(**_merged(model, "timeouts", base, override))
+
+
+def _retry(model: str, base: RetryConfig, override: RetryOverride) -> RetryPolicy:
+    values = _merged(model, "retry", base, override)
+    return RetryPolicy(
+        max_attempts=values["max_attempts"],
+        base_delay_s=values["base_delay_ms"] / 1000,
+        max_delay_s=values["max_delay_ms"] / 1000,
+        max_retry_after_s=values["max_retry_after_s"],
+        deadline_s=values["deadline_s"],
     )
 
 
-def build_runtime(config: GatewayConfig) -> Runtime:
+def build_runtime(config: GatewayConfig, health: HealthStore | None = None) -> Runtime:
     """Compile a validated config. Raises ConfigError naming the entry that does not hang
     together (an unknown provider, mixed wire APIs in one model, ...)."""
+    if health is None:
+        health = MemoryHealthStore()
     providers: dict[str, ProviderSpec] = {}
     pools: dict[str, KeyPool] = {}
     secrets: set[bytes] = set()
@@ -126,9 +163,27 @@ def build_runtime(config: GatewayConfig) -> Runtime:
             headers=MappingProxyType(dict(p.headers)),
             chat_max_tokens_field=p.chat_max_tokens_field,
             anthropic_version=p.anthropic_version,
+            cooldown_s=p.cooldown_s,
+            disable_s=p.disable_s,
+            max_disable_s=p.max_disable_s,
+            spend_cap_429s=p.spend_cap_429s,
         )
         providers[name] = spec
-        pools[name] = KeyPool(name, keys, p.key_strategy, p.max_concurrent_per_key)
+        pools[name] = KeyPool(
+            name,
+            keys,
+            p.key_strategy,
+            p.max_concurrent_per_key,
+            health=health,
+            policy=KeyHealth(
+                cooldown_s=p.cooldown_s,
+                disable_s=p.disable_s,
+                max_disable_s=p.max_disable_s,
+                spend_cap_429s=p.spend_cap_429s,
+                backoff_base_s=config.policy.retry.base_delay_ms / 1000 or 0.1,
+                backoff_max_s=max(config.policy.retry.max_delay_ms / 1000, 0.1),
+            ),
+        )
 
     routes: dict[str, Route] = {}
     for model_name, m in config.models.items():
@@ -152,6 +207,7 @@ def build_runtime(config: GatewayConfig) -> Runtime:
             family=deployments[0].provider.api,
             deployments=tuple(deployments),
             timeouts=_timeouts(model_name, config.policy.timeouts, m.policy.timeouts),
+            retry=_retry(model_name, config.policy.retry, m.policy.retry),
             max_tokens_cap=cap,
         )
 
@@ -173,5 +229,6 @@ def build_runtime(config: GatewayConfig) -> Runtime:
         routes=MappingProxyType(routes),
         providers=MappingProxyType(providers),
         pools=MappingProxyType(pools),
+        health=health,
         secrets=tuple(sorted(secrets, key=len, reverse=True)),
     )

@@ -64,6 +64,9 @@ class ServerConfig(_Strict):
     # Non-stream upstream bodies are buffered (to pass status and body intact); bound them.
     max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     drain_timeout_s: float = Field(30, ge=0, le=3600)
+    # An SSE comment sent to the client after this much upstream silence, so that idle
+    # proxies do not cut a stream while a model thinks (0 = off). Only at event boundaries.
+    keepalive_comment_s: float = Field(15, ge=0, le=3600)
     # Upstream connection pool size: the peak number of concurrent upstream calls.
     max_upstream_connections: int = Field(1024, ge=1, le=100_000)
 
@@ -123,6 +126,14 @@ class ProviderConfig(_Strict):
     chat_max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
     # Sent when the caller sends no anthropic-version (Anthropic API only).
     anthropic_version: str = "2023-06-01"
+    # Key health. A 429 without reset information cools its key down this long.
+    cooldown_s: float = Field(10, gt=0, le=3600)
+    # 401/402/403 and quota errors take a key out of rotation this long, then one request
+    # re-probes it; each failed re-probe doubles the time, up to max_disable_s.
+    disable_s: float = Field(300, gt=0, le=86400)
+    max_disable_s: float = Field(3600, gt=0, le=7 * 86400)
+    # Consecutive 429s without retry-after on one key that mean a spend cap, not a rate limit.
+    spend_cap_429s: int = Field(3, ge=1, le=100)
 
     @field_validator("forward_headers")
     @classmethod
@@ -165,25 +176,51 @@ class TimeoutsConfig(_Strict):
     total_s: float = Field(900, gt=0, le=86400)
 
 
+class TimeoutsOverride(_Strict):
+    connect_s: float | None = Field(None, gt=0, le=600)
+    first_byte_s: float | None = Field(None, gt=0, le=3600)
+    chunk_s: float | None = Field(None, gt=0, le=3600)
+    total_s: float | None = Field(None, gt=0, le=86400)
+
+
+class RetryConfig(_Strict):
+    # Attempts in all (the first included), across keys and deployments, before the first
+    # byte reaches the client. After it nothing is retried.
+    max_attempts: int = Field(3, ge=1, le=20)
+    base_delay_ms: float = Field(200, ge=0, le=60_000)
+    max_delay_ms: float = Field(8000, ge=0, le=600_000)
+    # Honour an upstream's retry-after up to this; a longer wait fails over instead.
+    max_retry_after_s: float = Field(60, ge=0, le=3600)
+    # No new attempt starts (and no backoff sleeps) past this time since the request began.
+    deadline_s: float = Field(120, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RetryConfig:
+        if self.max_delay_ms < self.base_delay_ms:
+            raise ValueError("max_delay_ms must be >= base_delay_ms")
+        return self
+
+
+class RetryOverride(_Strict):
+    max_attempts: int | None = Field(None, ge=1, le=20)
+    base_delay_ms: float | None = Field(None, ge=0, le=60_000)
+    max_delay_ms: float | None = Field(None, ge=0, le=600_000)
+    max_retry_after_s: float | None = Field(None, ge=0, le=3600)
+    deadline_s: float | None = Field(None, gt=0, le=86400)
+
+
 class PolicyConfig(_Strict):
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    retry: RetryConfig = RetryConfig()
     max_tokens_cap: int | None = Field(None, ge=1, le=10_000_000)
 
 
 class PolicyOverride(_Strict):
     """A model's own policy: every field left out inherits the global `policy`."""
 
-    timeouts: dict[str, float] | None = None
+    timeouts: TimeoutsOverride = TimeoutsOverride()
+    retry: RetryOverride = RetryOverride()
     max_tokens_cap: int | None = Field(None, ge=1, le=10_000_000)
-
-    @field_validator("timeouts")
-    @classmethod
-    def _known(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value is not None:
-            unknown = set(value) - set(TimeoutsConfig.model_fields)
-            if unknown:
-                raise ValueError(f"unknown timeout(s) {', '.join(sorted(unknown))}")
-        return value
 
 
 class DeploymentConfig(_Strict):
