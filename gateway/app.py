@@ -14,6 +14,8 @@ from aiohttp import web
 from gateway import __version__
 from gateway.appkeys import (
     HTTP_CLIENT,
+    JWT,
+    LIMITER,
     OUTCOME_SINKS,
     RANDOM,
     RUNTIME,
@@ -22,10 +24,15 @@ from gateway.appkeys import (
 )
 from gateway.auth import authenticate
 from gateway.config.runtime import Runtime
+from gateway.config.schema import GatewayConfig
 from gateway.errors import GatewayError, Kind
+from gateway.jwtauth import JwtVerifier
+from gateway.limits.base import Limiter
+from gateway.limits.memory import MemoryLimiter
 from gateway.logs import get_logger
 from gateway.pipeline import Handler, access_log, family_for_path, gateway_error_response
 from gateway.providers import ENDPOINTS
+from gateway.state import HealthStore, MemoryHealthStore, RedisHealthStore
 
 _log = get_logger("gateway")
 
@@ -67,7 +74,7 @@ async def error_middleware(
 async def models_handler(request: web.Request) -> web.Response:
     """`GET /v1/models`: the models this caller may use, in the caller's API format."""
     runtime = request.app[RUNTIME].current
-    caller = authenticate(request.headers, runtime)
+    caller = await authenticate(request.headers, runtime, request.app.get(JWT))
     routes = runtime.models_for(caller)
     if "anthropic-version" in request.headers:
         data = [
@@ -126,15 +133,80 @@ def _client_ctx(runtime: Runtime) -> Callable[[web.Application], AsyncIterator[N
     return ctx
 
 
-def create_app(runtime: Runtime) -> web.Application:
+def build_state(config: GatewayConfig) -> tuple[HealthStore, Limiter]:
+    """Key health and the limiter the `state` config asks for (created once per process; a
+    reload keeps both). With Redis they share one client."""
+    state = config.state
+    if state.backend != "redis":
+        return MemoryHealthStore(), MemoryLimiter()
+    from gateway.limits.redis import RedisLimiter, redis_client  # noqa: PLC0415
+
+    client = redis_client(state.redis_url, state.socket_timeout_s)
+    limiter = RedisLimiter(
+        state.redis_url,
+        prefix=state.key_prefix,
+        socket_timeout_s=state.socket_timeout_s,
+        fail_open=state.on_redis_error == "fail_open",
+        instances=state.instances,
+        retry_redis_after_s=state.retry_redis_after_s,
+        client=client,
+    )
+    health = RedisHealthStore(
+        client, key=f"{state.key_prefix}:{{health}}", timeout_s=state.socket_timeout_s * 2
+    )
+    return health, limiter
+
+
+def build_limiter(runtime: Runtime) -> Limiter:
+    """A limiter for `runtime` when the caller built none (tests, embedding)."""
+    return build_state(runtime.config)[1]
+
+
+async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
+    health = app[RUNTIME].current.health
+    if isinstance(health, RedisHealthStore):
+        await health.start()
+        yield
+        await health.close()
+    else:
+        yield
+
+
+def _limiter_ctx(limiter: Limiter) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await limiter.close()
+
+    return ctx
+
+
+async def _jwt_ctx(app: web.Application) -> AsyncIterator[None]:
+    # After the HTTP client context: the JWKS is fetched with the app's client session.
+    verifier = app.get(JWT)
+    if verifier is not None:
+        await verifier.start(app[HTTP_CLIENT])
+    yield
+    if verifier is not None:
+        await verifier.close()
+
+
+def create_app(runtime: Runtime, limiter: Limiter | None = None) -> web.Application:
     """The gateway application for `runtime` (swap `app[RUNTIME].current` to reload)."""
     # Bodies are read by the handlers with the runtime's own bound (413 in the caller's format).
     app = web.Application(middlewares=[error_middleware], client_max_size=2**63)
     app[RUNTIME] = RuntimeHolder(runtime)
     app[RANDOM] = random.Random()  # noqa: S311  (backoff jitter, not a secret)
+    app[LIMITER] = limiter if limiter is not None else build_limiter(runtime)
+    jwt_config = runtime.config.auth.jwt
+    if jwt_config is not None:
+        app[JWT] = JwtVerifier(jwt_config)
     sinks: list[OutcomeSink] = [access_log] if runtime.telemetry.access_log else []
     app[OUTCOME_SINKS] = sinks
+    # Order matters: the HTTP client first (the JWKS fetch uses it), torn down last.
     app.cleanup_ctx.append(_client_ctx(runtime))
+    app.cleanup_ctx.append(_limiter_ctx(app[LIMITER]))
+    app.cleanup_ctx.append(_jwt_ctx)
+    app.cleanup_ctx.append(_health_ctx)
     for endpoint in ENDPOINTS:
         app.router.add_post(endpoint.path, Handler(endpoint).handle)
     app.router.add_get("/v1/models", models_handler)

@@ -11,6 +11,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway.config.runtime import Runtime
+from gateway.jwtauth import JwtVerifier
+from gateway.limits.base import Limiter
 
 if TYPE_CHECKING:
     from gateway.pipeline import Outcome
@@ -26,6 +28,10 @@ class RuntimeHolder:
 
 RUNTIME = web.AppKey("runtime", RuntimeHolder)
 HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
+# Per-caller limits (memory or Redis); outlives config reloads.
+LIMITER = web.AppKey("limiter", Limiter)
+# JWT verification: present only when auth.jwt is configured (read with `app.get(JWT)`).
+JWT = web.AppKey("jwt", JwtVerifier)
 # Jitter for retry backoff (an app-level instance: tests can seed it).
 RANDOM = web.AppKey("random", random.Random)
 # Called with every finished request's Outcome and the loop time it ended (access log,

@@ -1,12 +1,14 @@
-"""Caller authentication: API keys from the YAML, stored and compared as sha256 digests."""
+"""Caller authentication: API keys from the YAML (stored and compared as sha256 digests) and
+JWTs (see jwtauth.py). Both end as a frozen `Caller` with its tier's limits."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
 
-from gateway.config.runtime import Caller, Runtime
+from gateway.config.runtime import Caller, Runtime, make_caller
 from gateway.errors import GatewayError, Kind
+from gateway.jwtauth import JwtError, JwtVerifier, looks_like_jwt
 
 # Longer than any real key format; bounds the hashing work an anonymous request can cause.
 MAX_KEY_BYTES = 512
@@ -24,9 +26,31 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
-def authenticate(headers: Mapping[str, str], runtime: Runtime) -> Caller:
-    """The caller for this request. Raises GatewayError 401 (never echoing the key)."""
+async def authenticate(
+    headers: Mapping[str, str], runtime: Runtime, jwt: JwtVerifier | None = None
+) -> Caller:
+    """The caller for this request. Raises GatewayError 401 (never echoing the credential)."""
     key = presented_key(headers)
+    if key is not None and jwt is not None and looks_like_jwt(key):
+        return await _jwt_caller(key, runtime, jwt)
+    return api_key_caller(key, runtime)
+
+
+async def _jwt_caller(token: str, runtime: Runtime, jwt: JwtVerifier) -> Caller:
+    try:
+        identity = await jwt.verify(token)
+    except JwtError as exc:
+        raise GatewayError(401, Kind.AUTHENTICATION, f"Invalid token: {exc}.") from None
+    tier_name = identity.tier or runtime.default_tier
+    tier = runtime.tiers.get(tier_name) if tier_name is not None else None
+    if tier_name is not None and tier is None:
+        raise GatewayError(401, Kind.AUTHENTICATION, "Invalid token: unknown tier.")
+    # A namespace of their own: a token's subject never shares limits with an API key id.
+    return make_caller(f"jwt:{identity.caller_id}", tier, None)
+
+
+def api_key_caller(key: str | None, runtime: Runtime) -> Caller:
+    """The caller of a static API key. Raises GatewayError 401."""
     if key is None:
         raise GatewayError(
             401,

@@ -29,16 +29,18 @@ def _install_uvloop() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.app import build_state, create_app  # noqa: PLC0415
+
     try:
-        runtime = _load(args.config)
+        config = load_config(args.config)
+        health, limiter = build_state(config)
+        runtime = build_runtime(config, health=health)
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     configure_logging(runtime.telemetry.log_format, runtime.telemetry.log_level)
     log = get_logger("gateway")
-    from gateway.app import create_app  # noqa: PLC0415  (after logging is configured)
-
-    app = create_app(runtime)
+    app = create_app(runtime, limiter)
 
     async def on_startup(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
@@ -125,6 +127,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_bench_limiter(args: argparse.Namespace) -> int:
+    from gateway.bench_limiter import run_bench_limiter  # noqa: PLC0415
+
+    return run_bench_limiter(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=60, help="time bound of each run")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "bench-limiter", help="what a limit check adds per request (memory vs Redis)"
+    )
+    p.add_argument("--requests", type=int, default=3000)
+    p.add_argument(
+        "--concurrency",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 32],
+        help="comma-separated concurrency levels",
+    )
+    p.add_argument("--redis-url", help="an existing Redis (default: start redis-server here)")
+    p.set_defaults(func=cmd_bench_limiter)
     return parser
 
 

@@ -41,6 +41,7 @@ class Kind(enum.Enum):
     UPSTREAM_ERROR = ("server_error", "upstream_error", "api_error")
     UPSTREAM_CREDENTIALS = ("server_error", "upstream_credentials", "api_error")
     OVERLOADED = ("server_error", "overloaded", "overloaded_error")
+    LIMITER_UNAVAILABLE = ("server_error", "rate_limiter_unavailable", "api_error")
     INTERNAL = ("server_error", None, "api_error")
 
     @property

@@ -8,6 +8,7 @@ final error event (see relay.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -18,7 +19,15 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.appkeys import HTTP_CLIENT, OUTCOME_SINKS, RANDOM, RUNTIME
+from gateway.admission import (
+    UsageStripper,
+    estimate_tokens,
+    rate_limited,
+    ratelimit_headers,
+    used_tokens,
+    wants_injected_usage,
+)
+from gateway.appkeys import HTTP_CLIENT, JWT, LIMITER, OUTCOME_SINKS, RANDOM, RUNTIME
 from gateway.auth import authenticate
 from gateway.config.runtime import Caller, Deployment, Route, Runtime
 from gateway.errors import (
@@ -30,9 +39,12 @@ from gateway.errors import (
     stream_error_event,
 )
 from gateway.keypool import HealthChange, KeyLease
+from gateway.limits.base import Decision, Limiter, LimiterUnavailable, LimitSpec
 from gateway.logs import get_logger
+from gateway.providers import anthropic as anthropic_api
 from gateway.providers import build_upstream_request
-from gateway.providers.base import Endpoint, ParsedRequest, StreamFacts
+from gateway.providers import openai as openai_api
+from gateway.providers.base import Endpoint, ParsedRequest, StreamFacts, Usage
 from gateway.relay import StreamEnd, relay_stream
 from gateway.retry import (
     KEY_FAULT_STATUSES,
@@ -70,6 +82,10 @@ class Outcome:
     bytes_out: int = 0
     attempts: int = 0
     retry_reasons: list[str] = field(default_factory=list)
+    limiter: str | None = None  # ok | degraded | denied_<limit>; None = no limits
+    usage: Usage | None = None  # of a non-stream answer (streams: facts.usage)
+    reconciled: int | None = None  # tokens charged (+) or refunded (-) after the fact
+    extra_headers: dict[str, str] = field(default_factory=dict)
     facts: StreamFacts | None = field(default=None)
 
 
@@ -220,14 +236,17 @@ class Handler:
         outcome = Outcome(started=loop.time())
         family = self.endpoint.family
         try:
-            caller = authenticate(request.headers, runtime)
+            caller = await authenticate(request.headers, runtime, request.app.get(JWT))
             outcome.caller = caller.id
             raw = await read_body(request, runtime.server.max_request_bytes)
             parsed = parse_request(self.endpoint, raw, request.headers)
             outcome.model = parsed.model
             outcome.stream = parsed.stream
             route = resolve_route(runtime, caller, parsed)
-            return await self._forward(request, runtime, parsed, route, outcome)
+            spec = caller.limits
+            if spec is None:
+                return await self._forward(request, runtime, parsed, route, outcome)
+            return await self._admitted(request, runtime, raw, parsed, route, spec, outcome)
         except GatewayError as err:
             outcome.status = err.status
             outcome.outcome = (
@@ -244,6 +263,68 @@ class Handler:
             now = loop.time()
             for sink in request.app[OUTCOME_SINKS]:
                 sink(outcome, now)
+
+    async def _admitted(
+        self,
+        request: web.Request,
+        runtime: Runtime,
+        raw: bytes,
+        parsed: ParsedRequest,
+        route: Route,
+        spec: LimitSpec,
+        outcome: Outcome,
+    ) -> web.StreamResponse:
+        """Forward under the caller's limits: admit (charge) first, then release the stream
+        slot and reconcile the token reservation whatever happens."""
+        limiter = request.app[LIMITER]
+        tokens = estimate_tokens(raw, parsed, route) if spec.tokens_per_minute else 0
+        if not parsed.stream and spec.concurrent_streams is not None:
+            # The concurrency limit is on open streams; a plain request takes no slot.
+            spec = dataclasses.replace(spec, concurrent_streams=None)
+        try:
+            decision = await limiter.admit(
+                outcome.caller or "", spec, tokens, route.timeouts.total_s + 60
+            )
+        except LimiterUnavailable:
+            retry = max(1, math.ceil(runtime.config.state.retry_redis_after_s))
+            raise GatewayError(
+                503,
+                Kind.LIMITER_UNAVAILABLE,
+                "Rate limiting is unavailable (its shared store cannot be reached); "
+                "the gateway is configured to refuse requests then.",
+                headers={"retry-after": str(retry)},
+            ) from None
+        outcome.limiter = "degraded" if decision.degraded else "ok"
+        if not decision.allowed:
+            prefix = "degraded_" if decision.degraded else ""
+            outcome.limiter = f"{prefix}denied_{decision.denied_by}"
+            raise rate_limited(decision, spec)
+        outcome.extra_headers.update(ratelimit_headers(decision))
+        parsed.inject_usage = wants_injected_usage(parsed, spec)
+        try:
+            return await self._forward(request, runtime, parsed, route, outcome)
+        finally:
+            # Shielded: a client that went away must not leak its slot or its tokens.
+            await asyncio.shield(self._settle(limiter, decision, spec, outcome))
+
+    @staticmethod
+    async def _settle(
+        limiter: Limiter, decision: Decision, spec: LimitSpec, outcome: Outcome
+    ) -> None:
+        if decision.lease is not None:
+            await limiter.release(decision.lease)
+        if spec.tokens_per_minute is None or outcome.caller is None:
+            return
+        usage = outcome.facts.usage if outcome.facts is not None else outcome.usage
+        actual = used_tokens(usage)
+        if actual is None:
+            # No usage (an error, or a stream that died): the reservation stands, unless
+            # nothing reached the upstream at all.
+            if outcome.upstream_status is None:
+                await limiter.reconcile(outcome.caller, spec, -decision.reserved_tokens)
+            return
+        outcome.reconciled = actual - decision.reserved_tokens
+        await limiter.reconcile(outcome.caller, spec, actual - decision.reserved_tokens)
 
     # -- the attempt loop -------------------------------------------------------------------
 
@@ -320,6 +401,7 @@ class Handler:
 
     def _final(self, failure: _Failure, outcome: Outcome) -> web.Response:
         response = failure.final()
+        response.headers.update(outcome.extra_headers)
         outcome.status = response.status
         outcome.outcome = failure.verdict.reason
         response.headers["x-gateway-attempts"] = str(outcome.attempts)
@@ -456,6 +538,7 @@ class Handler:
         if status < 300:
             outcome.status = status
             outcome.bytes_out = len(body)
+            outcome.usage = _USAGE_FROM_BODY[self.endpoint.family](body)
             response = web.Response(status=status, body=body, headers=headers)
             self._stamp(response, outcome)
             return response
@@ -557,8 +640,11 @@ class Handler:
         outcome.facts = facts
         outcome.status = upstream.status
         await response.prepare(request)
+        stripper = UsageStripper() if parsed.inject_usage else None
         try:
-            await response.write(bytes(held))
+            first = bytes(held) if stripper is None else stripper.feed(bytes(held))
+            if first:
+                await response.write(first)
         except ConnectionResetError:
             outcome.outcome = StreamEnd.CLIENT_CANCEL.value
             return response
@@ -597,6 +683,7 @@ class Handler:
             deadline=deadline,
             keepalive_s=runtime.server.keepalive_comment_s,
             error_event=error_event,
+            stripper=stripper,
         )
         outcome.outcome = result.end.value
         outcome.bytes_out = result.bytes_out
@@ -626,12 +713,17 @@ class Handler:
 
     @staticmethod
     def _stamp(response: web.StreamResponse, outcome: Outcome) -> None:
+        response.headers.update(outcome.extra_headers)
         if outcome.deployment is not None:
             response.headers["x-gateway-deployment"] = outcome.deployment
         response.headers["x-gateway-attempts"] = str(outcome.attempts)
 
 
 _PEEK_LIMIT = 64 * 1024
+_USAGE_FROM_BODY: dict[ApiFamily, Callable[[bytes], Usage | None]] = {
+    ApiFamily.OPENAI: openai_api.usage_from_body,
+    ApiFamily.ANTHROPIC: anthropic_api.usage_from_body,
+}
 # How a retryable first-event error is told to the client when no attempt is left.
 _STREAM_ERROR_KINDS = {
     "first_event_overloaded": (Kind.OVERLOADED, 529),
@@ -718,6 +810,13 @@ def access_log(o: Outcome, now: float) -> None:
     }
     if o.retry_reasons:
         fields["retry_reasons"] = o.retry_reasons
+    if o.limiter is not None:
+        fields["limiter"] = o.limiter
+    if o.reconciled is not None:
+        fields["reconciled_tokens"] = o.reconciled
+    if o.usage is not None:
+        fields["input_tokens"] = o.usage.input_tokens
+        fields["output_tokens"] = o.usage.output_tokens
     if o.ttfb_ms is not None:
         fields["ttfb_ms"] = round(o.ttfb_ms, 3)
     facts = o.facts

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from gateway.admission import UsageStripper
 from gateway.providers.base import StreamObserver
 from gateway.sse import SSEDecoder, SSEError
 
@@ -141,12 +142,14 @@ async def relay_stream(
     deadline: float,
     keepalive_s: float,
     error_event: Callable[[StreamEnd], bytes],
+    stripper: UsageStripper | None = None,
 ) -> RelayResult:
     """Forward the rest of an already-prepared SSE response, reading upstream from where the
     caller's peek stopped (what it read is already written, fed and observed).
 
     `error_event(end)` renders the final event that tells the client why the gateway ended a
-    stream the upstream did not end properly (truncated, broken, timed out). Keep-alive
+    stream the upstream did not end properly (truncated, broken, timed out). `stripper`, when
+    given, removes the usage the gateway asked for on the caller's behalf. Keep-alive
     comments go out after `keepalive_s` of upstream silence, only at event boundaries.
     Never raises for upstream or client failures (they are the result); re-raises a
     CancelledError that is not its own (client gone). The caller closes `upstream`.
@@ -176,12 +179,22 @@ async def relay_stream(
                 chunk = await content.readany()
                 watchdog.waiting_since = None
                 if not chunk:
+                    if stripper is not None:
+                        rest = stripper.flush()
+                        if rest:
+                            await write(rest)
                     break
                 try:
-                    await write(chunk)
+                    if stripper is None:
+                        await write(chunk)
+                        out += len(chunk)
+                    else:
+                        visible = stripper.feed(chunk)
+                        if visible:
+                            await write(visible)
+                            out += len(visible)
                 except ConnectionResetError:
                     return RelayResult(StreamEnd.CLIENT_CANCEL, out, aborted=False)
-                out += len(chunk)
                 watchdog.last_write = loop.time()
                 if observing:
                     try:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,8 +16,10 @@ from tests.support import (
     Fake,
     Gateway,
     GatewayFactory,
+    RedisServer,
     base_config,
     deep_merge,
+    require_binary,
     start_gateway,
 )
 
@@ -47,3 +50,12 @@ async def gateway_factory(fake: Fake) -> AsyncIterator[GatewayFactory]:
 @pytest.fixture
 async def gateway(gateway_factory: GatewayFactory) -> Gateway:
     return await gateway_factory()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server for this test (skips without the binary, unless CI requires it)."""
+    server = RedisServer(require_binary("redis-server"), tmp_path)
+    server.start()
+    yield server
+    server.stop()

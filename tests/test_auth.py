@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Mapping
 from textwrap import dedent
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.auth import MAX_KEY_BYTES, authenticate, presented_key
+from gateway import auth
+from gateway.auth import MAX_KEY_BYTES, presented_key
 from gateway.config import Runtime, build_runtime, load_config_text
 from gateway.config.runtime import Caller
 from gateway.errors import GatewayError, Kind
@@ -97,6 +100,11 @@ def test_presented_key_on_a_plain_lowercase_mapping() -> None:
 
 
 # --- authenticate -----------------------------------------------------------------------------
+
+
+def authenticate(given: Mapping[str, str], runtime: Runtime) -> Caller:
+    """The real (async) authenticate, driven to completion from these synchronous tests."""
+    return asyncio.run(auth.authenticate(given, runtime))
 
 
 def test_right_key_as_bearer(runtime: Runtime) -> None:

@@ -45,6 +45,7 @@ EXPECTED: dict[Kind, tuple[str, str | None, str]] = {
     Kind.UPSTREAM_ERROR: ("server_error", "upstream_error", "api_error"),
     Kind.UPSTREAM_CREDENTIALS: ("server_error", "upstream_credentials", "api_error"),
     Kind.OVERLOADED: ("server_error", "overloaded", "overloaded_error"),
+    Kind.LIMITER_UNAVAILABLE: ("server_error", "rate_limiter_unavailable", "api_error"),
     Kind.INTERNAL: ("server_error", None, "api_error"),
 }
 

@@ -6,7 +6,7 @@ Runtime swapped in) never changes a request half-way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -25,6 +25,7 @@ from gateway.config.schema import (
 )
 from gateway.errors import ApiFamily
 from gateway.keypool import KeyHealth, KeyPool, UpstreamKey, fingerprint
+from gateway.limits.base import LimitSpec
 from gateway.state import HealthStore, MemoryHealthStore
 
 
@@ -32,9 +33,31 @@ from gateway.state import HealthStore, MemoryHealthStore
 class Caller:
     id: str
     models: frozenset[str] | None  # None = every model
+    tier: str | None = None
+    limits: LimitSpec | None = None  # None = unlimited
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    name: str
+    limits: LimitSpec | None
+    models: frozenset[str] | None
+
+
+def make_caller(caller_id: str, tier: Tier | None, models: Iterable[str] | None) -> Caller:
+    """A caller whose model list is its own list within its tier's (both, when both are set)."""
+    allowed = frozenset(models) if models is not None else None
+    if tier is not None and tier.models is not None:
+        allowed = tier.models if allowed is None else allowed & tier.models
+    return Caller(
+        id=caller_id,
+        models=allowed,
+        tier=tier.name if tier else None,
+        limits=tier.limits if tier else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +117,8 @@ class Runtime:
     server: ServerConfig
     telemetry: TelemetryConfig
     callers: Mapping[str, Caller]  # sha256 hex digest of the caller key -> caller
+    tiers: Mapping[str, Tier]
+    default_tier: str | None
     routes: Mapping[str, Route]
     providers: Mapping[str, ProviderSpec]
     pools: Mapping[str, KeyPool] = field(repr=False)
@@ -211,21 +236,43 @@ def build_runtime(config: GatewayConfig, health: HealthStore | None = None) -> R
             max_tokens_cap=cap,
         )
 
-    callers = {
-        k.sha256: Caller(id=k.id, models=frozenset(k.models) if k.models is not None else None)
-        for k in config.auth.api_keys
-    }
+    tiers: dict[str, Tier] = {}
+    for name, t in config.tiers.items():
+        unknown = sorted(set(t.models or ()) - set(routes))
+        if unknown:
+            raise ConfigError(f"tiers.{name}.models: unknown model(s) {', '.join(unknown)}")
+        limit_spec = LimitSpec(
+            tier=name,
+            requests_per_minute=t.requests_per_minute,
+            tokens_per_minute=t.tokens_per_minute,
+            concurrent_streams=t.concurrent_streams,
+        )
+        tiers[name] = Tier(
+            name=name,
+            limits=None if limit_spec.empty else limit_spec,
+            models=frozenset(t.models) if t.models is not None else None,
+        )
+    default_tier = config.auth.default_tier
+    if default_tier is not None and default_tier not in tiers:
+        raise ConfigError(f"auth.default_tier: tier {default_tier!r} is not defined")
+    callers = {}
     for k in config.auth.api_keys:
         unknown = sorted(set(k.models or ()) - set(routes))
         if unknown:
             raise ConfigError(
                 f"auth.api_keys[{k.id}].models: unknown model(s) {', '.join(unknown)}"
             )
+        tier_name = k.tier or default_tier
+        if tier_name is not None and tier_name not in tiers:
+            raise ConfigError(f"auth.api_keys[{k.id}].tier: tier {tier_name!r} is not defined")
+        callers[k.sha256] = make_caller(k.id, tiers.get(tier_name) if tier_name else None, k.models)
     return Runtime(
         config=config,
         server=config.server,
         telemetry=config.telemetry,
         callers=MappingProxyType(callers),
+        tiers=MappingProxyType(tiers),
+        default_tier=default_tier,
         routes=MappingProxyType(routes),
         providers=MappingProxyType(providers),
         pools=MappingProxyType(pools),

@@ -74,7 +74,8 @@ class ServerConfig(_Strict):
 class ApiKeyConfig(_Strict):
     id: Identifier
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
-    models: tuple[str, ...] | None = None  # None = every model
+    models: tuple[str, ...] | None = None  # None = every model (within the tier's list)
+    tier: Identifier | None = None  # None = `auth.default_tier`
 
     @field_validator("sha256")
     @classmethod
@@ -82,8 +83,62 @@ class ApiKeyConfig(_Strict):
         return value.lower()
 
 
+_SYMMETRIC = frozenset({"HS256", "HS384", "HS512"})
+_ASYMMETRIC = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class JwtConfig(_Strict):
+    """Callers with JWTs. Algorithms come from here, never from the token."""
+
+    issuer: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    audience: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    algorithms: tuple[str, ...] = Field(min_length=1)
+    jwks_url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$")] | None = None
+    public_key_file: str | None = None
+    secret: SecretStr | None = None
+    caller_claim: str = "sub"
+    tier_claim: str | None = "tier"
+    leeway_s: float = Field(30, ge=0, le=600)
+    max_token_bytes: int = Field(8192, ge=256, le=65536)
+    jwks_refresh_s: float = Field(300, ge=10, le=86400)
+    # An unknown kid triggers a JWKS refresh at most this often (forged tokens cannot hammer it).
+    jwks_min_refresh_s: float = Field(30, ge=1, le=3600)
+    jwks_timeout_s: float = Field(5, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtConfig:
+        sources = [
+            name
+            for name, value in (
+                ("jwks_url", self.jwks_url),
+                ("public_key_file", self.public_key_file),
+                ("secret", self.secret),
+            )
+            if value is not None
+        ]
+        if len(sources) != 1:
+            raise ValueError("set exactly one of jwks_url, public_key_file, secret")
+        algs = set(self.algorithms)
+        unknown = algs - _SYMMETRIC - _ASYMMETRIC
+        if unknown:
+            raise ValueError(f"unsupported algorithm(s) {', '.join(sorted(unknown))}")
+        # Mixing would open key confusion (an HS256 token "signed" with the public key).
+        if self.secret is not None and not algs <= _SYMMETRIC:
+            raise ValueError("a shared secret goes with HS256/HS384/HS512 only")
+        if self.secret is None and not algs <= _ASYMMETRIC:
+            raise ValueError("jwks_url / public_key_file go with asymmetric algorithms only")
+        if self.secret is not None and len(self.secret.get_secret_value()) < 32:
+            raise ValueError("the JWT secret must be at least 32 bytes")
+        return self
+
+
 class AuthConfig(_Strict):
     api_keys: tuple[ApiKeyConfig, ...] = ()
+    jwt: JwtConfig | None = None
+    # Tier of callers whose key or token names none (None = unlimited).
+    default_tier: Identifier | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> AuthConfig:
@@ -249,9 +304,33 @@ class TelemetryConfig(_Strict):
     access_log: bool = True
 
 
+class TierConfig(_Strict):
+    """Per-caller limits; each omitted limit is unlimited."""
+
+    requests_per_minute: int | None = Field(None, ge=1, le=10_000_000)
+    tokens_per_minute: int | None = Field(None, ge=1, le=10_000_000_000)
+    concurrent_streams: int | None = Field(None, ge=1, le=1_000_000)
+    models: tuple[str, ...] | None = None  # None = every model
+
+
+class StateConfig(_Strict):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    on_redis_error: Literal["fail_open", "fail_closed"] = "fail_open"
+    # Instances sharing the limits: with Redis down, each enforces limit / instances locally.
+    instances: int = Field(1, ge=1, le=10_000)
+    # Bounds every Redis call: no request waits on Redis longer than this.
+    socket_timeout_s: float = Field(0.25, gt=0, le=10)
+    # After a Redis error, go straight to the fallback this long before trying Redis again.
+    retry_redis_after_s: float = Field(1.0, ge=0, le=300)
+    key_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9:_.-]{1,64}$")] = "llmgw"
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
+    state: StateConfig = StateConfig()
     auth: AuthConfig = AuthConfig()
+    tiers: dict[Identifier, TierConfig] = Field(default_factory=dict)
     providers: dict[Identifier, ProviderConfig] = Field(min_length=1)
     models: dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], ModelConfig] = (
         Field(min_length=1)

@@ -34,6 +34,12 @@ def build_upstream_request(
     endpoint = parsed.endpoint
     body = dict(parsed.body)  # shallow: only top-level fields are rewritten
     body["model"] = upstream_model
+    if parsed.inject_usage:
+        options = body.get("stream_options")
+        body["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
     if max_tokens_cap is not None and endpoint.cap_fields:
         present = False
         for cap_field in endpoint.cap_fields:

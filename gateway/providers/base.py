@@ -80,6 +80,8 @@ class ParsedRequest:
     model: str
     stream: bool
     headers: Mapping[str, str] = field(default_factory=dict)
+    # Ask upstream for the usage chunk the caller did not request (stripped again on the way).
+    inject_usage: bool = False
 
 
 def as_int(value: object) -> int | None:

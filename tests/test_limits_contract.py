@@ -1,0 +1,635 @@
+"""The Limiter contract, one suite for every backend: MemoryLimiter (with a frozen fake clock),
+RedisLimiter on fakeredis and RedisLimiter on a real redis-server. Then what only the Redis
+backend promises: hash-tagged keys, NOSCRIPT reload, lease expiry by score, and (real Redis)
+fail-open / fail-closed on an outage and recovery without a rebuild.
+
+Redis backends run the contract with fail_closed, so that a Redis problem raises instead of
+being hidden by the local fallback. Timings against a real clock allow small slack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+
+from gateway.limits.base import Decision, Lease, LimiterUnavailable, LimitSpec, Usage
+from gateway.limits.memory import MemoryLimiter
+from gateway.limits.redis import LEASE_TTL_S, RedisLimiter
+from tests.support import RedisServer
+
+LEASE_TTL = 30.0  # what admission passes; the Redis backend renews its own (LEASE_TTL_S)
+HAS_LUPA = importlib.util.find_spec("lupa") is not None
+NO_LUPA = "fakeredis runs Lua (EVAL/EVALSHA) only with lupa installed: needs fakeredis[lua]"
+
+
+class FakeClock:
+    """A frozen clock that moves only when told."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Backend:
+    kind: str  # "memory" | "fakeredis" | "redis"
+    limiter: MemoryLimiter | RedisLimiter
+    client: aioredis.Redis | None = None  # raw access to the Redis the limiter uses
+    clock: FakeClock | None = None
+
+    async def admit(self, subject: str, spec: LimitSpec, tokens: int = 0) -> Decision:
+        return await self.limiter.admit(subject, spec, tokens, LEASE_TTL)
+
+    async def wait(self, seconds: float) -> None:
+        """Let `seconds` pass on the clock this backend reads."""
+        if self.clock is not None:
+            self.clock.now += seconds
+        else:
+            await asyncio.sleep(seconds)
+
+
+class Elapsed:
+    """Real time since it was made: the most a backend's clock can have moved meanwhile (the
+    fake clock of the memory backend does not move at all)."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def __call__(self) -> float:
+        return time.monotonic() - self.start
+
+
+def assert_about(value: float, exact: float, elapsed: Elapsed) -> None:
+    """`value` is a wait or reset that was `exact` when `elapsed` started and is seen up to
+    `elapsed()` later (so less by then), with 2 ms for Redis's whole-ms rounding."""
+    low, high = exact - elapsed() - 0.002, exact + 0.002
+    assert low <= value <= high, f"{value} not in [{low:.4f}, {high:.4f}]"
+
+
+def usage_of(decision: Decision, name: str) -> Usage | None:
+    return next((u for u in decision.usage if u.name == name), None)
+
+
+async def make_backend(request: pytest.FixtureRequest, kind: str) -> Backend:
+    if kind == "memory":
+        clock = FakeClock()
+        return Backend(kind, MemoryLimiter(clock=clock), clock=clock)
+    if kind == "fakeredis":
+        if not HAS_LUPA:
+            pytest.skip(NO_LUPA)
+        client = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
+        limiter = RedisLimiter("redis://unused", client=client, fail_open=False, prefix="t")
+        return Backend(kind, limiter, client=client)
+    server: RedisServer = request.getfixturevalue("redis_server")
+    # A generous timeout: 100 concurrent first connections must not time out (and with
+    # fail_closed a timeout would raise rather than fall back silently).
+    limiter = RedisLimiter(server.url, socket_timeout_s=2.0, fail_open=False, prefix="t")
+    return Backend(kind, limiter, client=aioredis.Redis.from_url(server.url))
+
+
+async def close_backend(backend: Backend) -> None:
+    await backend.limiter.close()
+    if backend.kind == "redis" and backend.client is not None:
+        await backend.client.aclose()
+
+
+@pytest.fixture(params=["memory", "fakeredis", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    b = await make_backend(request, request.param)
+    yield b
+    await close_backend(b)
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def redis_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    b = await make_backend(request, request.param)
+    yield b
+    await close_backend(b)
+
+
+# --- the contract: every backend -------------------------------------------------------------
+
+
+async def test_rpm_budget_is_exact(backend: Backend) -> None:
+    spec = LimitSpec("t", requests_per_minute=60)
+    elapsed = Elapsed()
+    for k in range(1, 61):
+        decision = await backend.admit("alice", spec)
+        assert decision.allowed, k
+        assert decision.lease is None
+        assert not decision.degraded
+        rpm = usage_of(decision, "rpm")
+        assert rpm is not None
+        assert rpm.limit == 60
+        assert 60 - k <= rpm.remaining <= 60 - k + int(elapsed())  # one back a second
+    denied = await backend.admit("alice", spec)
+    assert not denied.allowed
+    assert denied.denied_by == "rpm"
+    assert denied.lease is None
+    # One second after the first request, less the time these 61 took (well under 0.1 s
+    # unless the machine is very busy): within [0.9, 1.01] s.
+    assert_about(denied.retry_after_s, 1.0, elapsed)
+    assert denied.retry_after_s <= 1.01
+    if elapsed() < 0.1:
+        assert denied.retry_after_s >= 0.9
+
+
+async def test_tpm_with_variable_costs(backend: Backend) -> None:
+    spec = LimitSpec("t", tokens_per_minute=100)  # 0.6 s a token
+    elapsed = Elapsed()
+    for cost, left in ((30, 70), (50, 20), (20, 0)):
+        decision = await backend.admit("alice", spec, cost)
+        assert decision.allowed
+        assert decision.reserved_tokens == cost
+        tpm = usage_of(decision, "tpm")
+        assert tpm is not None
+        assert tpm.limit == 100
+        assert left <= tpm.remaining <= left + int(elapsed() / 0.6)
+        assert usage_of(decision, "rpm") is None
+    one = await backend.admit("alice", spec, 1)
+    assert (one.allowed, one.denied_by) == (False, "tpm")
+    assert_about(one.retry_after_s, 0.6, elapsed)
+    ten = await backend.admit("alice", spec, 10)
+    assert (ten.allowed, ten.denied_by) == (False, "tpm")
+    assert_about(ten.retry_after_s, 6.0, elapsed)
+    # A zero-token request (embeddings of nothing) passes a spent tpm budget.
+    assert (await backend.admit("alice", spec, 0)).allowed
+
+
+async def test_a_cost_above_the_tpm_limit_is_clamped(backend: Backend) -> None:
+    spec = LimitSpec("t", tokens_per_minute=100)
+    fresh = await backend.admit("alice", spec, 250)
+    assert fresh.allowed  # a whole budget lets it through
+    tpm = usage_of(fresh, "tpm")
+    assert tpm is not None
+    assert tpm.remaining == 0
+    assert 59.99 <= tpm.reset_s <= 60.0
+    # With any budget spent it waits until the budget is whole again (not forever).
+    elapsed = Elapsed()
+    assert (await backend.admit("bob", spec, 1)).allowed
+    big = await backend.admit("bob", spec, 250)
+    assert (big.allowed, big.denied_by) == (False, "tpm")
+    assert_about(big.retry_after_s, 0.6, elapsed)
+
+
+async def test_reconciling_a_clamped_cost_charges_the_rest(
+    backend: Backend, request: pytest.FixtureRequest
+) -> None:
+    spec = LimitSpec("t", tokens_per_minute=100)
+    decision = await backend.admit("alice", spec, 250)
+    assert decision.allowed
+    actual = 250  # what upstream reported; the pipeline reconciles actual - reserved
+    await backend.limiter.reconcile("alice", spec, actual - decision.reserved_tokens)
+    # 150 tokens of debt on top of an empty budget: the next token waits 151 * 0.6 s.
+    nxt = await backend.admit("alice", spec, 1)
+    assert not nxt.allowed
+    assert nxt.retry_after_s >= 90.0
+
+
+async def test_a_denial_charges_nothing(backend: Backend) -> None:
+    spec = LimitSpec("t", requests_per_minute=10, tokens_per_minute=100)
+    assert (await backend.admit("alice", spec, 100)).allowed  # rpm 9 left, tpm spent
+    for _ in range(5):
+        denied = await backend.admit("alice", spec, 50)
+        assert (denied.allowed, denied.denied_by) == (False, "tpm")
+    # The five tpm denials took no rpm: 9 zero-token requests pass, the 10th does not.
+    for k in range(9):
+        assert (await backend.admit("alice", spec, 0)).allowed, k
+    assert (await backend.admit("alice", spec, 0)).denied_by == "rpm"
+
+    # An rpm denial takes no tokens.
+    spec = LimitSpec("t", requests_per_minute=1, tokens_per_minute=100)
+    assert (await backend.admit("bob", spec, 10)).allowed
+    assert (await backend.admit("bob", spec, 50)).denied_by == "rpm"
+    tpm_only = LimitSpec("t", tokens_per_minute=100)
+    assert (await backend.admit("bob", tpm_only, 90)).allowed
+    assert (await backend.admit("bob", tpm_only, 1)).denied_by == "tpm"
+
+    # A concurrency denial takes neither requests nor tokens.
+    spec = LimitSpec("t", requests_per_minute=3, tokens_per_minute=30, concurrent_streams=1)
+    held = await backend.admit("carol", spec, 10)
+    assert held.lease is not None
+    for _ in range(4):
+        assert (await backend.admit("carol", spec, 10)).denied_by == "concurrency"
+    await backend.limiter.release(held.lease)
+    for _ in range(2):  # 2 requests and 20 tokens left
+        ok = await backend.admit("carol", spec, 10)
+        assert ok.allowed
+        assert ok.lease is not None
+        await backend.limiter.release(ok.lease)
+    assert (await backend.admit("carol", spec, 0)).denied_by == "rpm"
+
+
+async def test_concurrency_leases(backend: Backend) -> None:
+    spec = LimitSpec("t", concurrent_streams=5)
+    leases: list[Lease] = []
+    for k in range(5):
+        decision = await backend.admit("alice", spec)
+        assert decision.allowed
+        assert decision.lease is not None
+        assert decision.lease.subject == "alice"
+        conc = usage_of(decision, "concurrency")
+        assert conc is not None
+        assert (conc.limit, conc.remaining) == (5, 4 - k)
+        leases.append(decision.lease)
+    assert len({lease.lease_id for lease in leases}) == 5
+    sixth = await backend.admit("alice", spec)
+    assert (sixth.allowed, sixth.denied_by, sixth.lease) == (False, "concurrency", None)
+    assert sixth.retry_after_s == 1.0
+
+    await backend.limiter.release(leases[0])
+    await backend.limiter.release(leases[0])  # a double release is harmless...
+    again = await backend.admit("alice", spec)
+    assert again.allowed
+    assert again.lease is not None
+    # ...and frees nothing more.
+    assert (await backend.admit("alice", spec)).denied_by == "concurrency"
+
+    for lease in [*leases[1:], again.lease]:
+        await backend.limiter.release(lease)
+    for _ in range(5):
+        assert (await backend.admit("alice", spec)).allowed
+
+
+async def test_subjects_are_independent(backend: Backend) -> None:
+    spec = LimitSpec("t", requests_per_minute=2, tokens_per_minute=10, concurrent_streams=1)
+    first = await backend.admit("alice", spec, 10)
+    assert first.lease is not None
+    assert (await backend.admit("alice", spec, 0)).denied_by == "concurrency"
+    bob = await backend.admit("bob", spec, 10)
+    assert bob.allowed
+    assert bob.lease is not None
+    await backend.limiter.release(bob.lease)  # bob's release frees nothing of alice's
+    assert (await backend.admit("alice", spec, 0)).denied_by == "concurrency"
+    await backend.limiter.release(first.lease)
+    assert (await backend.admit("alice", spec, 1)).denied_by == "tpm"
+    second = await backend.admit("bob", spec, 0)
+    assert second.allowed
+    assert second.lease is not None
+    await backend.limiter.release(second.lease)
+    assert (await backend.admit("bob", spec, 0)).denied_by == "rpm"
+    # A subject that only shares a prefix is a different subject.
+    assert (await backend.admit("bo", spec, 10)).allowed
+
+
+async def test_reconcile_refund_lets_more_through(backend: Backend) -> None:
+    spec = LimitSpec("t", tokens_per_minute=100)
+    assert (await backend.admit("alice", spec, 100)).allowed
+    assert (await backend.admit("alice", spec, 40)).denied_by == "tpm"
+    await backend.limiter.reconcile("alice", spec, -60)
+    assert (await backend.admit("alice", spec, 40)).allowed
+    assert (await backend.admit("alice", spec, 30)).denied_by == "tpm"  # 20 left
+    # A refund beyond full banks nothing: exactly one whole budget.
+    await backend.limiter.reconcile("alice", spec, -1000)
+    assert (await backend.admit("alice", spec, 100)).allowed
+    assert (await backend.admit("alice", spec, 1)).denied_by == "tpm"
+    # Refunding a subject that has no state banks nothing either.
+    await backend.limiter.reconcile("bob", spec, -500)
+    assert (await backend.admit("bob", spec, 100)).allowed
+    assert (await backend.admit("bob", spec, 1)).denied_by == "tpm"
+
+
+async def test_reconcile_charge_blocks_earlier(backend: Backend) -> None:
+    spec = LimitSpec("t", tokens_per_minute=100)
+    elapsed = Elapsed()
+    assert (await backend.admit("alice", spec, 10)).allowed
+    await backend.limiter.reconcile("alice", spec, 80)
+    assert (await backend.admit("alice", spec, 10)).allowed
+    denied = await backend.admit("alice", spec, 1)
+    assert denied.denied_by == "tpm"
+    assert_about(denied.retry_after_s, 0.6, elapsed)
+    # A charge on a fresh subject counts too; no-ops change nothing.
+    await backend.limiter.reconcile("bob", spec, 95)
+    await backend.limiter.reconcile("bob", spec, 0)
+    await backend.limiter.reconcile("bob", LimitSpec("t", requests_per_minute=5), 50)
+    assert (await backend.admit("bob", spec, 5)).allowed
+    assert (await backend.admit("bob", spec, 1)).denied_by == "tpm"
+
+
+async def test_usage_figures(backend: Backend) -> None:
+    spec = LimitSpec("t", requests_per_minute=10, tokens_per_minute=1000, concurrent_streams=3)
+    elapsed = Elapsed()
+    first = await backend.admit("alice", spec, 100)
+    assert first.allowed
+    assert [u.name for u in first.usage] == ["rpm", "tpm", "concurrency"]
+    rpm, tpm, conc = first.usage
+    assert (rpm.limit, rpm.remaining) == (10, 9)
+    assert rpm.reset_s == pytest.approx(6.0, abs=0.002)  # one request of 6 s
+    assert (tpm.limit, tpm.remaining) == (1000, 900)
+    assert tpm.reset_s == pytest.approx(6.0, abs=0.002)  # 100 tokens of 0.06 s
+    assert (conc.limit, conc.remaining, conc.reset_s) == (3, 2, 0)
+    second = await backend.admit("alice", spec, 50)
+    assert [u.name for u in second.usage] == ["rpm", "tpm", "concurrency"]
+    rpm, tpm, conc = second.usage
+    assert rpm.remaining == 8
+    assert_about(rpm.reset_s, 12.0, elapsed)
+    assert 850 <= tpm.remaining <= 850 + int(elapsed() / 0.06)  # one token per 60 ms
+    assert_about(tpm.reset_s, 9.0, elapsed)
+    assert conc.remaining == 1
+    # Only the configured limits are listed; no limits at all: no figures, no lease.
+    only_rpm = await backend.admit("bob", LimitSpec("t", requests_per_minute=5))
+    assert [u.name for u in only_rpm.usage] == ["rpm"]
+    free = await backend.admit("bob", LimitSpec("t"), 10_000)
+    assert (free.allowed, free.usage, free.lease) == (True, (), None)
+
+
+@pytest.mark.parametrize("denied_by", ["rpm", "tpm", "concurrency"])
+async def test_a_denial_reports_the_limit_that_denied(
+    backend: Backend, request: pytest.FixtureRequest, denied_by: str
+) -> None:
+    spec = LimitSpec("t", requests_per_minute=2, tokens_per_minute=100, concurrent_streams=1)
+    first = await backend.admit("alice", spec, 10)
+    assert first.lease is not None
+    if denied_by == "concurrency":
+        decision = await backend.admit("alice", spec, 10)
+    else:
+        await backend.limiter.release(first.lease)
+        tokens = 100 if denied_by == "tpm" else 0
+        if denied_by == "rpm":
+            lease = (await backend.admit("alice", spec, 0)).lease
+            assert lease is not None
+            await backend.limiter.release(lease)
+        decision = await backend.admit("alice", spec, tokens)
+    assert decision.denied_by == denied_by
+    figure = usage_of(decision, denied_by)
+    assert figure is not None
+    # What is really left: no requests, no streams; 90 tokens (this request wanted 100).
+    assert figure.remaining == (90 if denied_by == "tpm" else 0)
+
+
+async def test_a_denial_reports_what_is_left_not_what_would_be(
+    backend: Backend, request: pytest.FixtureRequest
+) -> None:
+    spec = LimitSpec("t", requests_per_minute=10, tokens_per_minute=100)
+    assert (await backend.admit("alice", spec, 100)).allowed
+    denied = await backend.admit("alice", spec, 10)
+    assert denied.denied_by == "tpm"
+    rpm = usage_of(denied, "rpm")
+    assert rpm is not None
+    assert rpm.remaining == 9
+
+
+async def test_retry_after_is_honest(backend: Backend) -> None:
+    spec = LimitSpec("t", tokens_per_minute=600)  # 0.1 s a token
+    elapsed = Elapsed()
+    assert (await backend.admit("alice", spec, 600)).allowed
+    denied = await backend.admit("alice", spec, 3)
+    assert denied.denied_by == "tpm"
+    assert_about(denied.retry_after_s, 0.3, elapsed)
+    await backend.wait(denied.retry_after_s + 0.002)
+    assert (await backend.admit("alice", spec, 3)).allowed
+    assert (await backend.admit("alice", spec, 1)).denied_by == "tpm"
+
+
+async def test_concurrent_admits_are_atomic(backend: Backend) -> None:
+    spec = LimitSpec("t", requests_per_minute=60)
+    decisions = await asyncio.gather(*(backend.admit("alice", spec) for _ in range(100)))
+    assert sum(d.allowed for d in decisions) == 60
+    assert {d.denied_by for d in decisions if not d.allowed} == {"rpm"}
+    assert not any(d.degraded for d in decisions)
+
+    spec = LimitSpec("t", tokens_per_minute=100, concurrent_streams=5)
+    decisions = await asyncio.gather(*(backend.admit("bob", spec, 10) for _ in range(30)))
+    leases = [d.lease for d in decisions if d.lease is not None]
+    assert len(leases) == 5
+    assert sum(d.allowed for d in decisions) == 5
+    await asyncio.gather(*(backend.limiter.release(lease) for lease in leases))
+    # Concurrency denials charged no tokens: 50 spent, 50 left.
+    assert (await backend.admit("bob", spec, 50)).allowed
+    assert (await backend.admit("bob", spec, 1)).denied_by == "tpm"
+
+
+# --- Redis only: fakeredis and a real redis-server -------------------------------------------
+
+
+async def server_ms(client: aioredis.Redis) -> float:
+    seconds, micros = await client.time()
+    return seconds * 1000 + micros / 1000
+
+
+async def test_fakeredis_supports_the_lua_the_scripts_use() -> None:
+    """TIME, ZADD (XX CH), ZREMRANGEBYSCORE, ZCARD, PEXPIRE, SET PX, GET inside EVAL."""
+    if not HAS_LUPA:
+        pytest.skip(NO_LUPA)
+    client = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
+    script = """
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+    local added = redis.call('ZADD', KEYS[1], now + 60000, 'a')
+    local changed = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + 90000, 'a')
+    local absent = redis.call('ZADD', KEYS[1], 'XX', 'CH', now, 'b')
+    redis.call('ZADD', KEYS[1], now - 1, 'old')
+    local purged = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+    local n = redis.call('ZCARD', KEYS[1])
+    local exp = redis.call('PEXPIRE', KEYS[1], math.ceil(1234.5 * 2))
+    redis.call('SET', KEYS[2], string.format('%.3f', 12.3456), 'PX', math.max(1, 5000))
+    return {added, changed, absent, purged, n, exp, redis.call('GET', KEYS[2])}
+    """
+    try:
+        out = await client.eval(script, 2, "z", "s")
+        ttl_z, ttl_s = await client.pttl("z"), await client.pttl("s")
+        score = await client.zscore("z", "a")
+        now = await server_ms(client)
+    finally:
+        await client.aclose()
+    assert out == [1, 1, 0, 1, 1, 1, b"12.346"]
+    assert score is not None
+    assert score == pytest.approx(now + 90000, abs=1000)  # ZADD XX CH moved it
+    assert 2000 < ttl_z <= 2469
+    assert 4000 < ttl_s <= 5000
+
+
+async def test_keys_carry_the_subject_hash_tag(redis_backend: Backend) -> None:
+    client = redis_backend.client
+    assert client is not None
+    spec = LimitSpec("t", requests_per_minute=10, tokens_per_minute=100, concurrent_streams=2)
+    assert (await redis_backend.admit("tenant-7:app", spec, 10)).allowed
+    keys = sorted(k.decode() for k in await client.keys("*"))
+    assert keys == ["t:{tenant-7:app}:conc", "t:{tenant-7:app}:rpm", "t:{tenant-7:app}:tpm"]
+    # One Cluster slot for all of a caller's keys: the slot of the tag alone.
+    assert {key_slot(k.encode()) for k in keys} == {key_slot(b"tenant-7:app")}
+    # Every key expires on its own: the TATs when the budget is whole, leases after 2 TTLs.
+    assert 0 < await client.pttl("t:{tenant-7:app}:rpm") <= 6000
+    assert 0 < await client.pttl("t:{tenant-7:app}:tpm") <= 6000
+    assert LEASE_TTL_S * 1000 < await client.pttl("t:{tenant-7:app}:conc") <= LEASE_TTL_S * 2000
+
+
+async def test_scripts_are_reloaded_after_script_flush(redis_backend: Backend) -> None:
+    client = redis_backend.client
+    assert client is not None
+    limiter = redis_backend.limiter
+    assert isinstance(limiter, RedisLimiter)
+    spec = LimitSpec("t", requests_per_minute=3, tokens_per_minute=100, concurrent_streams=5)
+    assert (await redis_backend.admit("alice", spec, 10)).allowed
+    await client.script_flush()
+    second = await redis_backend.admit("alice", spec, 10)
+    assert second.allowed
+    assert not second.degraded
+    await client.script_flush()
+    await limiter.reconcile("alice", spec, 70)  # the reconcile script is reloaded too
+    assert (await redis_backend.admit("alice", spec, 11)).denied_by == "tpm"
+    await client.script_flush()
+    third = await redis_backend.admit("alice", spec, 10)
+    assert third.allowed
+    assert (await redis_backend.admit("alice", spec, 0)).denied_by == "rpm"  # state survived
+    assert limiter.redis_errors == 0
+    assert limiter.degraded_decisions == 0
+    assert limiter.redis_up
+
+
+async def test_a_lease_expires_by_its_score(redis_backend: Backend) -> None:
+    client = redis_backend.client
+    assert client is not None
+    spec = LimitSpec("t", concurrent_streams=2)
+    decision = await redis_backend.admit("alice", spec)
+    assert decision.lease is not None
+    members = await client.zrange("t:{alice}:conc", 0, -1, withscores=True)
+    assert [m.decode() for m, _ in members] == [decision.lease.lease_id]
+    # Scored by its expiry on the Redis clock: now + LEASE_TTL_S.
+    assert members[0][1] == pytest.approx(await server_ms(client) + LEASE_TTL_S * 1000, abs=2000)
+    await redis_backend.limiter.release(decision.lease)
+    assert await client.zcard("t:{alice}:conc") == 0
+
+
+async def test_an_expired_lease_is_purged_on_the_next_admit(redis_backend: Backend) -> None:
+    client = redis_backend.client
+    assert client is not None
+    spec = LimitSpec("t", concurrent_streams=1)
+    now = await server_ms(client)
+    # A live lease of a crashed instance blocks...
+    await client.zadd("t:{bob}:conc", {"live": now + 30_000})
+    assert (await redis_backend.admit("bob", spec)).denied_by == "concurrency"
+    # ...an expired one is dropped by the next admit and frees its slot.
+    await client.zadd("t:{alice}:conc", {"crashed": now - 1000})
+    decision = await redis_backend.admit("alice", spec)
+    assert decision.allowed
+    assert decision.lease is not None
+    members = await client.zrange("t:{alice}:conc", 0, -1)
+    assert [m.decode() for m in members] == [decision.lease.lease_id]
+
+
+# --- Redis only: an unresponsive Redis (a socket that never answers) -------------------------
+
+
+async def test_an_unresponsive_redis_is_bounded_by_the_socket_timeout() -> None:
+    writers: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        while await reader.read(4096):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    spec = LimitSpec("t", requests_per_minute=10)
+    open_ = RedisLimiter(url, socket_timeout_s=0.2, retry_redis_after_s=60)
+    closed = RedisLimiter(url, socket_timeout_s=0.2, fail_open=False, retry_redis_after_s=60)
+    try:
+        start = time.monotonic()
+        decision = await open_.admit("alice", spec, 0, LEASE_TTL)
+        assert time.monotonic() - start < 1.0
+        assert (decision.allowed, decision.degraded) == (True, True)
+        assert open_.redis_errors == 1
+        start = time.monotonic()
+        with pytest.raises(LimiterUnavailable):
+            await closed.admit("alice", spec, 0, LEASE_TTL)
+        assert time.monotonic() - start < 1.0
+    finally:
+        await open_.close()
+        await closed.close()
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+# --- real Redis only: outage, fail_open / fail_closed, recovery ------------------------------
+
+
+async def test_fail_open_during_an_outage_then_recovery(redis_server: RedisServer) -> None:
+    limiter = RedisLimiter(
+        redis_server.url, socket_timeout_s=0.2, instances=2, retry_redis_after_s=0.3, prefix="t"
+    )
+    spec = LimitSpec("t", requests_per_minute=10, concurrent_streams=4)
+    try:
+        before = await limiter.admit("alice", spec, 0, LEASE_TTL)
+        assert (before.allowed, before.degraded) == (True, False)
+        assert before.lease is not None
+
+        redis_server.stop()
+        decisions = []
+        for _ in range(8):
+            start = time.monotonic()
+            decisions.append(await limiter.admit("alice", spec, 0, LEASE_TTL))
+            assert time.monotonic() - start < 1.0  # bounded, never hangs on Redis
+        assert all(d.degraded for d in decisions)
+        # Each instance enforces its share: concurrency 4 / 2 instances = 2 streams...
+        assert sum(d.allowed for d in decisions) == 2
+        assert [d.denied_by for d in decisions[2:]] == ["concurrency"] * 6
+        for d in decisions:
+            if d.lease is not None:
+                assert d.lease.backend == "fallback"
+                await limiter.release(d.lease)
+        # ...and rpm 10 / 2 = 5 requests (2 of them taken above).
+        more = []
+        for _ in range(4):
+            more.append(d := await limiter.admit("alice", spec, 0, LEASE_TTL))
+            if d.lease is not None:
+                await limiter.release(d.lease)
+        assert [d.allowed for d in more] == [True, True, True, False]
+        assert more[3].denied_by == "rpm"
+        assert limiter.degraded_decisions == 12
+        assert limiter.redis_errors >= 1
+        # Releasing a Redis lease during the outage does not raise (it expires on its own).
+        await limiter.release(before.lease)
+
+        redis_server.start()
+        await asyncio.sleep(0.35)  # retry_redis_after_s
+        after = await limiter.admit("alice", spec, 0, LEASE_TTL)
+        assert (after.allowed, after.degraded) == (True, False)
+        assert after.lease is not None
+        assert after.lease.backend == "redis"
+        assert limiter.degraded_decisions == 12
+        assert limiter.redis_up
+        await limiter.release(after.lease)
+    finally:
+        await limiter.close()
+
+
+async def test_fail_closed_raises_quickly_then_recovers(redis_server: RedisServer) -> None:
+    limiter = RedisLimiter(
+        redis_server.url, socket_timeout_s=0.2, fail_open=False, retry_redis_after_s=0.3
+    )
+    spec = LimitSpec("t", requests_per_minute=10)
+    try:
+        assert (await limiter.admit("alice", spec, 0, LEASE_TTL)).allowed
+        redis_server.stop()
+        for _ in range(3):  # the first tries Redis, the others skip it for a while
+            start = time.monotonic()
+            with pytest.raises(LimiterUnavailable):
+                await limiter.admit("alice", spec, 0, LEASE_TTL)
+            assert time.monotonic() - start < 1.0
+        assert limiter.degraded_decisions == 0
+        assert not limiter.redis_up
+        # A reconcile during the outage neither raises nor waits.
+        start = time.monotonic()
+        await limiter.reconcile("alice", LimitSpec("t", tokens_per_minute=100), 10)
+        assert time.monotonic() - start < 1.0
+
+        redis_server.start()
+        await asyncio.sleep(0.35)
+        decision = await limiter.admit("alice", spec, 0, LEASE_TTL)
+        assert (decision.allowed, decision.degraded) == (True, False)
+    finally:
+        await limiter.close()
