@@ -4,6 +4,7 @@ JWTs (see jwtauth.py). Both end as a frozen `Caller` with its tier's limits."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Mapping
 
 from gateway.config.runtime import Caller, Runtime, make_caller
@@ -64,6 +65,7 @@ def api_key_caller(key: str | None, runtime: Runtime) -> Caller:
     # Keys are compared as sha256 digests: whatever timing the lookup shows is about the
     # digest of what the attacker sent, which tells nothing about any stored key's bytes.
     caller = runtime.callers.get(digest)
-    if caller is None:
+    # The constant-time compare on top is belt and braces: equal digests mean equal keys.
+    if caller is None or not hmac.compare_digest(digest, runtime.digests[caller.id]):
         raise GatewayError(401, Kind.AUTHENTICATION, "Invalid API key.")
     return caller

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,9 @@ class Outcome:
     limiter: str | None = None  # ok | degraded | denied_<limit>; None = no limits
     usage: Usage | None = None  # of a non-stream answer (streams: facts.usage)
     reconciled: int | None = None  # tokens charged (+) or refunded (-) after the fact
+    estimate: int = 0  # the request's token estimate (reservations)
+    # Provider budgets charged for this request: (subject, spec, reserved tokens).
+    provider_charges: list[tuple[str, LimitSpec, int]] = field(default_factory=list)
     extra_headers: dict[str, str] = field(default_factory=dict)
     facts: StreamFacts | None = field(default=None)
 
@@ -243,6 +246,7 @@ class Handler:
             outcome.model = parsed.model
             outcome.stream = parsed.stream
             route = resolve_route(runtime, caller, parsed)
+            outcome.estimate = estimate_tokens(raw, parsed, route)
             spec = caller.limits
             if spec is None:
                 return await self._forward(request, runtime, parsed, route, outcome)
@@ -277,7 +281,7 @@ class Handler:
         """Forward under the caller's limits: admit (charge) first, then release the stream
         slot and reconcile the token reservation whatever happens."""
         limiter = request.app[LIMITER]
-        tokens = estimate_tokens(raw, parsed, route) if spec.tokens_per_minute else 0
+        tokens = outcome.estimate if spec.tokens_per_minute else 0
         if not parsed.stream and spec.concurrent_streams is not None:
             # The concurrency limit is on open streams; a plain request takes no slot.
             spec = dataclasses.replace(spec, concurrent_streams=None)
@@ -315,8 +319,7 @@ class Handler:
             await limiter.release(decision.lease)
         if spec.tokens_per_minute is None or outcome.caller is None:
             return
-        usage = outcome.facts.usage if outcome.facts is not None else outcome.usage
-        actual = used_tokens(usage)
+        actual = _actual_tokens(outcome)
         if actual is None:
             # No usage (an error, or a stream that died): the reservation stands, unless
             # nothing reached the upstream at all.
@@ -338,10 +341,55 @@ class Handler:
     ) -> web.StreamResponse:
         """Attempts (deployment + key), built afresh from the parsed original each time, until
         one commits a response or the budget (attempts, deadline) is spent."""
+        try:
+            return await self._attempts(request, runtime, parsed, route, outcome)
+        finally:
+            if outcome.provider_charges:
+                await asyncio.shield(self._settle_providers(request.app[LIMITER], outcome))
+
+    @staticmethod
+    async def _settle_providers(limiter: Limiter, outcome: Outcome) -> None:
+        actual = _actual_tokens(outcome)
+        for subject, spec, reserved in outcome.provider_charges:
+            if spec.tokens_per_minute is None:
+                continue
+            if actual is not None:
+                await limiter.reconcile(subject, spec, actual - reserved)
+            elif outcome.upstream_status is None:
+                await limiter.reconcile(subject, spec, -reserved)
+
+    async def _provider_admits(
+        self, request: web.Request, deployment: Deployment, outcome: Outcome
+    ) -> float | None:
+        """Charge the deployment's provider budget, if it has one. None when admitted, else
+        the seconds until it would be."""
+        spec = deployment.provider.limits
+        if spec is None:
+            return None
+        subject = f"provider:{deployment.provider.name}"
+        tokens = outcome.estimate if spec.tokens_per_minute else 0
+        try:
+            decision = await request.app[LIMITER].admit(subject, spec, tokens, 60)
+        except LimiterUnavailable:
+            return None  # the callers' limits decide what happens when Redis is down
+        if not decision.allowed:
+            return max(decision.retry_after_s, 0.001)
+        outcome.provider_charges.append((subject, spec, decision.reserved_tokens))
+        return None
+
+    async def _attempts(
+        self,
+        request: web.Request,
+        runtime: Runtime,
+        parsed: ParsedRequest,
+        route: Route,
+        outcome: Outcome,
+    ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         policy = route.retry
         retry_deadline = outcome.started + min(policy.deadline_s, route.timeouts.total_s)
         tried: list[set[str]] = [set() for _ in route.deployments]
+        over_budget: dict[int, float] = {}  # deployment index -> seconds until its budget
         rng = request.app[RANDOM]
         last: _Failure | None = None
         while outcome.attempts < policy.max_attempts:
@@ -351,7 +399,13 @@ class Handler:
                 if loop.time() + delay >= retry_deadline:
                     break
                 await asyncio.sleep(delay)
-            choice = _choose(route, time.time(), tried)
+            choice = _choose(route, time.time(), tried, over_budget)
+            if (
+                not isinstance(choice, tuple)
+                and over_budget
+                and len(over_budget) == len(route.deployments)
+            ):
+                raise _over_budget_error(route, min(over_budget.values()))
             if not isinstance(choice, tuple):
                 wait = None if choice is None else choice - time.time()
                 if (
@@ -365,6 +419,12 @@ class Handler:
                     continue
                 raise _no_key_error(route, wait)
             index, deployment, lease = choice
+            wait_budget = await self._provider_admits(request, deployment, outcome)
+            if wait_budget is not None:
+                # Over the provider's own budget: not an attempt; fall back to the next one.
+                lease.release()
+                over_budget[index] = wait_budget
+                continue
             tried[index].add(lease.key.id)
             outcome.attempts += 1
             outcome.deployment = f"{deployment.provider.name}/{deployment.model}"
@@ -732,7 +792,7 @@ _STREAM_ERROR_KINDS = {
 
 
 def _choose(
-    route: Route, now: float, tried: list[set[str]]
+    route: Route, now: float, tried: list[set[str]], skip: Mapping[int, float]
 ) -> tuple[int, Deployment, KeyLease] | float | None:
     """The next deployment and key: deployments in order, keys not yet tried in this request
     first; a provider backing off is skipped. When nothing is usable, the epoch time when
@@ -740,6 +800,8 @@ def _choose(
     soonest: float | None = None
     for prefer_untried in (True, False):
         for index, deployment in enumerate(route.deployments):
+            if index in skip:
+                continue
             pool = deployment.pool
             backoff = pool.provider_blocked_until(now)
             if backoff is not None:
@@ -753,6 +815,21 @@ def _choose(
             if unblock is not None:
                 soonest = unblock if soonest is None else min(soonest, unblock)
     return soonest
+
+
+def _actual_tokens(outcome: Outcome) -> int | None:
+    return used_tokens(outcome.facts.usage if outcome.facts is not None else outcome.usage)
+
+
+def _over_budget_error(route: Route, wait: float) -> GatewayError:
+    seconds = max(1, math.ceil(wait))
+    return GatewayError(
+        429,
+        Kind.RATE_LIMITED,
+        f"The upstream capacity configured for the model '{route.name}' is used up "
+        f"(provider limits). Retry in {wait:.3f} s.",
+        headers={"retry-after": str(seconds), "retry-after-ms": str(math.ceil(wait * 1000))},
+    )
 
 
 def _no_key_error(route: Route, wait: float | None) -> GatewayError:

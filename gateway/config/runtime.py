@@ -92,6 +92,7 @@ class ProviderSpec:
     disable_s: float
     max_disable_s: float
     spend_cap_429s: int
+    limits: LimitSpec | None = None  # the provider's own budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,7 @@ class Runtime:
     callers: Mapping[str, Caller]  # sha256 hex digest of the caller key -> caller
     tiers: Mapping[str, Tier]
     default_tier: str | None
+    digests: Mapping[str, str] = field(repr=False)  # caller id -> sha256 of its key
     routes: Mapping[str, Route]
     providers: Mapping[str, ProviderSpec]
     pools: Mapping[str, KeyPool] = field(repr=False)
@@ -192,6 +194,16 @@ def build_runtime(config: GatewayConfig, health: HealthStore | None = None) -> R
             disable_s=p.disable_s,
             max_disable_s=p.max_disable_s,
             spend_cap_429s=p.spend_cap_429s,
+            limits=(
+                LimitSpec(
+                    tier=f"provider {name}",
+                    requests_per_minute=p.limits.requests_per_minute,
+                    tokens_per_minute=p.limits.tokens_per_minute,
+                )
+                if p.limits is not None
+                and (p.limits.requests_per_minute or p.limits.tokens_per_minute)
+                else None
+            ),
         )
         providers[name] = spec
         pools[name] = KeyPool(
@@ -273,6 +285,7 @@ def build_runtime(config: GatewayConfig, health: HealthStore | None = None) -> R
         callers=MappingProxyType(callers),
         tiers=MappingProxyType(tiers),
         default_tier=default_tier,
+        digests=MappingProxyType({c.id: d for d, c in callers.items()}),
         routes=MappingProxyType(routes),
         providers=MappingProxyType(providers),
         pools=MappingProxyType(pools),

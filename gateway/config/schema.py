@@ -167,6 +167,11 @@ class UpstreamKeyConfig(_Strict):
         return value
 
 
+class ProviderLimits(_Strict):
+    requests_per_minute: int | None = Field(None, ge=1, le=10_000_000)
+    tokens_per_minute: int | None = Field(None, ge=1, le=10_000_000_000)
+
+
 class ProviderConfig(_Strict):
     api: Literal["openai", "anthropic"]
     base_url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$")]
@@ -189,6 +194,9 @@ class ProviderConfig(_Strict):
     max_disable_s: float = Field(3600, gt=0, le=7 * 86400)
     # Consecutive 429s without retry-after on one key that mean a spend cap, not a rate limit.
     spend_cap_429s: int = Field(3, ge=1, le=100)
+    # The provider's own budget (e.g. an organisation's quota), shared by every caller and,
+    # with Redis, by every instance. Over it, a model falls back to its next deployment.
+    limits: ProviderLimits | None = None
 
     @field_validator("forward_headers")
     @classmethod

@@ -17,7 +17,7 @@ import pytest
 from gateway.appkeys import LIMITER, OUTCOME_SINKS
 from gateway.limits.memory import MemoryLimiter
 from gateway.pipeline import Outcome
-from tests.support import CALLER_KEY, Fake, Gateway, GatewayFactory
+from tests.support import CALLER_KEY, FALLBACK_KEYS, Fake, Gateway, GatewayFactory
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -237,3 +237,47 @@ async def test_unlimited_callers_carry_no_limit_headers(gateway: Gateway) -> Non
         ) as resp:
             assert resp.status == 200
             assert "RateLimit" not in resp.headers
+
+
+async def test_provider_budget_falls_back_then_429s(
+    gateway_factory: GatewayFactory, fake: Fake
+) -> None:
+    gw = await gateway_factory(
+        {
+            "providers": {
+                "oa": {"limits": {"requests_per_minute": 2}},
+                "oa-b": {
+                    "api": "openai",
+                    "base_url": f"{fake.url}/v1",
+                    "keys": [{"id": "b-1", "secret": FALLBACK_KEYS[0]}],
+                },
+            },
+            "models": {
+                "with-fallback": [
+                    {"provider": "oa", "model": "fake-gpt"},
+                    {"provider": "oa-b", "model": "fake-gpt-b"},
+                ]
+            },
+        }
+    )
+    async with aiohttp.ClientSession() as session:
+        served = []
+        for _ in range(3):
+            async with session.post(
+                gw.url + "/v1/chat/completions",
+                data=orjson.dumps({"model": "with-fallback", "messages": MESSAGES}),
+                headers=auth(),
+            ) as resp:
+                assert resp.status == 200
+                served.append(resp.headers["x-gateway-deployment"])
+                assert resp.headers["x-gateway-attempts"] == "1"
+        # oa's budget (2 per minute) is spent: the third goes to the next deployment.
+        assert served == ["oa/fake-gpt", "oa/fake-gpt", "oa-b/fake-gpt-b"]
+        async with session.post(
+            gw.url + "/v1/chat/completions", data=chat(), headers=auth()
+        ) as resp:
+            assert resp.status == 429  # gpt-test has only oa
+            body = await resp.json()
+            assert "provider limits" in body["error"]["message"]
+            assert 1 <= int(resp.headers["retry-after"]) <= 30
+    assert len(fake.provider.records) == 3
