@@ -281,3 +281,44 @@ async def test_provider_budget_falls_back_then_429s(
             assert "provider limits" in body["error"]["message"]
             assert 1 <= int(resp.headers["retry-after"]) <= 30
     assert len(fake.provider.records) == 3
+
+
+async def test_starts_with_redis_down_and_recovers_by_itself(
+    gateway_factory: GatewayFactory, tmp_path: Any, fake: Fake
+) -> None:
+    from tests.support import RedisServer, require_binary
+
+    server = RedisServer(require_binary("redis-server"), tmp_path)  # not started yet
+    gw = await gateway_factory(
+        tiered(
+            {"requests_per_minute": 4},
+            state={
+                "backend": "redis",
+                "redis_url": server.url,
+                "on_redis_error": "fail_open",
+                "instances": 2,
+                "socket_timeout_s": 0.2,
+                "retry_redis_after_s": 0.3,
+            },
+        )
+    )
+    outcomes = capture(gw)
+    async with aiohttp.ClientSession() as session:
+
+        async def status() -> int:
+            async with session.post(
+                gw.url + "/v1/chat/completions", data=chat(), headers=auth()
+            ) as resp:
+                return resp.status
+
+        # Redis down: a local limiter with 4 / 2 instances = 2 per minute.
+        assert [await status() for _ in range(3)] == [200, 200, 429]
+        assert {o.limiter for o in outcomes} == {"degraded", "degraded_denied_rpm"}
+        server.start()
+        try:
+            await asyncio.sleep(0.4)
+            # Redis back: the shared budget of 4 (fresh: the local decisions were not shared).
+            assert [await status() for _ in range(5)] == [200, 200, 200, 200, 429]
+            assert [o.limiter for o in outcomes[3:]] == ["ok"] * 4 + ["denied_rpm"]
+        finally:
+            server.stop()
