@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 
 import aiohttp
 import orjson
@@ -19,6 +21,7 @@ from gateway.appkeys import (
     OUTCOME_SINKS,
     RANDOM,
     RUNTIME,
+    TELEMETRY,
     OutcomeSink,
     RuntimeHolder,
 )
@@ -30,9 +33,17 @@ from gateway.jwtauth import JwtVerifier
 from gateway.limits.base import Limiter
 from gateway.limits.memory import MemoryLimiter
 from gateway.logs import get_logger
-from gateway.pipeline import Handler, access_log, family_for_path, gateway_error_response
+from gateway.pipeline import (
+    ConnectTiming,
+    Handler,
+    access_log,
+    family_for_path,
+    gateway_error_response,
+    record_metrics,
+)
 from gateway.providers import ENDPOINTS
 from gateway.state import HealthStore, MemoryHealthStore, RedisHealthStore
+from gateway.telemetry import Telemetry
 
 _log = get_logger("gateway")
 
@@ -111,6 +122,25 @@ async def health_handler(request: web.Request) -> web.Response:
     )
 
 
+def _connect_trace() -> aiohttp.TraceConfig:
+    """Times new upstream connections (the `upstream_connect` part of the TTFT split)."""
+    config = aiohttp.TraceConfig()
+
+    async def start(_s: object, ctx: SimpleNamespace, _p: object) -> None:
+        timing = ctx.trace_request_ctx
+        if isinstance(timing, ConnectTiming):
+            timing.start = asyncio.get_running_loop().time()
+
+    async def end(_s: object, ctx: SimpleNamespace, _p: object) -> None:
+        timing = ctx.trace_request_ctx
+        if isinstance(timing, ConnectTiming):
+            timing.end = asyncio.get_running_loop().time()
+
+    config.on_connection_create_start.append(start)
+    config.on_connection_create_end.append(end)
+    return config
+
+
 def _client_ctx(runtime: Runtime) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(
@@ -125,6 +155,7 @@ def _client_ctx(runtime: Runtime) -> Callable[[web.Application], AsyncIterator[N
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None),
             skip_auto_headers=("User-Agent",),
+            trace_configs=[_connect_trace()],
         )
         app[HTTP_CLIENT] = session
         yield
@@ -190,7 +221,35 @@ async def _jwt_ctx(app: web.Application) -> AsyncIterator[None]:
         await verifier.close()
 
 
-def create_app(runtime: Runtime, limiter: Limiter | None = None) -> web.Application:
+async def metrics_handler(request: web.Request) -> web.Response:
+    """`GET /metrics`: Prometheus text format (key pool states are read at scrape time)."""
+    telemetry = request.app[TELEMETRY]
+    metrics = telemetry.metrics
+    runtime = request.app[RUNTIME].current
+    now = time.time()
+    for name, pool in runtime.pools.items():
+        for key, state, in_flight in pool.key_states(now):
+            for candidate in ("ok", "cooldown", "disabled"):
+                metrics.key_state.labels(name, key.id, candidate).set(
+                    1 if candidate == state else 0
+                )
+            metrics.key_in_flight.labels(name, key.id).set(in_flight)
+    return web.Response(
+        body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
+    )
+
+
+async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[TELEMETRY].shutdown()
+
+
+def create_app(
+    runtime: Runtime,
+    limiter: Limiter | None = None,
+    *,
+    telemetry: Telemetry | None = None,
+) -> web.Application:
     """The gateway application for `runtime` (swap `app[RUNTIME].current` to reload)."""
     # Bodies are read by the handlers with the runtime's own bound (413 in the caller's format).
     app = web.Application(middlewares=[error_middleware], client_max_size=2**63)
@@ -200,17 +259,24 @@ def create_app(runtime: Runtime, limiter: Limiter | None = None) -> web.Applicat
     jwt_config = runtime.config.auth.jwt
     if jwt_config is not None:
         app[JWT] = JwtVerifier(jwt_config)
-    sinks: list[OutcomeSink] = [access_log] if runtime.telemetry.access_log else []
+    tel = telemetry if telemetry is not None else Telemetry(runtime.telemetry)
+    app[TELEMETRY] = tel
+    sinks: list[OutcomeSink] = [functools.partial(record_metrics, tel.metrics)]
+    if runtime.telemetry.access_log:
+        sinks.append(access_log)
     app[OUTCOME_SINKS] = sinks
     # Order matters: the HTTP client first (the JWKS fetch uses it), torn down last.
     app.cleanup_ctx.append(_client_ctx(runtime))
     app.cleanup_ctx.append(_limiter_ctx(app[LIMITER]))
     app.cleanup_ctx.append(_jwt_ctx)
     app.cleanup_ctx.append(_health_ctx)
+    app.cleanup_ctx.append(_telemetry_ctx)
     for endpoint in ENDPOINTS:
         app.router.add_post(endpoint.path, Handler(endpoint).handle)
     app.router.add_get("/v1/models", models_handler)
     app.router.add_get("/healthz", health_handler)
+    if runtime.telemetry.prometheus:
+        app.router.add_get("/metrics", metrics_handler)
     return app
 
 

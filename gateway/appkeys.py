@@ -13,6 +13,7 @@ from aiohttp import web
 from gateway.config.runtime import Runtime
 from gateway.jwtauth import JwtVerifier
 from gateway.limits.base import Limiter
+from gateway.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from gateway.pipeline import Outcome
@@ -32,6 +33,7 @@ HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 LIMITER = web.AppKey("limiter", Limiter)
 # JWT verification: present only when auth.jwt is configured (read with `app.get(JWT)`).
 JWT = web.AppKey("jwt", JwtVerifier)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
 # Jitter for retry backoff (an app-level instance: tests can seed it).
 RANDOM = web.AppKey("random", random.Random)
 # Called with every finished request's Outcome and the loop time it ended (access log,

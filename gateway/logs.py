@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import structlog
+from opentelemetry import trace
 
 
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
@@ -19,6 +20,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     lvl = getattr(logging, level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -40,6 +42,17 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
             logger_factory=structlog.BytesLoggerFactory(sys.stderr.buffer),
             cache_logger_on_first_use=False,
         )
+
+
+def add_trace_ids(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: the current span's trace_id / span_id (hex), when there is one.
+    Lines that already carry them (the access line) keep their own."""
+    if "trace_id" not in event:
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            event["trace_id"] = format(ctx.trace_id, "032x")
+            event["span_id"] = format(ctx.span_id, "016x")
+    return event
 
 
 def get_logger(name: str = "gateway") -> Any:

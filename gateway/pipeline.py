@@ -18,6 +18,9 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
 from gateway.admission import (
     UsageStripper,
@@ -27,7 +30,15 @@ from gateway.admission import (
     used_tokens,
     wants_injected_usage,
 )
-from gateway.appkeys import HTTP_CLIENT, JWT, LIMITER, OUTCOME_SINKS, RANDOM, RUNTIME
+from gateway.appkeys import (
+    HTTP_CLIENT,
+    JWT,
+    LIMITER,
+    OUTCOME_SINKS,
+    RANDOM,
+    RUNTIME,
+    TELEMETRY,
+)
 from gateway.auth import authenticate
 from gateway.config.runtime import Caller, Deployment, Route, Runtime
 from gateway.errors import (
@@ -41,10 +52,18 @@ from gateway.errors import (
 from gateway.keypool import HealthChange, KeyLease
 from gateway.limits.base import Decision, Limiter, LimiterUnavailable, LimitSpec
 from gateway.logs import get_logger
+from gateway.metrics import Metrics
 from gateway.providers import anthropic as anthropic_api
 from gateway.providers import build_upstream_request
 from gateway.providers import openai as openai_api
-from gateway.providers.base import Endpoint, ParsedRequest, StreamFacts, Usage
+from gateway.providers.base import (
+    Endpoint,
+    ParsedRequest,
+    StreamFacts,
+    StreamObserver,
+    Usage,
+    as_int,
+)
 from gateway.relay import StreamEnd, relay_stream
 from gateway.retry import (
     KEY_FAULT_STATUSES,
@@ -55,6 +74,7 @@ from gateway.retry import (
     classify_stream_error,
 )
 from gateway.sse import SSEDecoder, SSEError
+from gateway.telemetry import Timings, attrs, ids, set_error
 
 _log = get_logger("gateway.access")
 
@@ -89,6 +109,14 @@ class Outcome:
     # Provider budgets charged for this request: (subject, spec, reserved tokens).
     provider_charges: list[tuple[str, LimitSpec, int]] = field(default_factory=list)
     extra_headers: dict[str, str] = field(default_factory=dict)
+    operation: str = ""
+    api: str = ""  # gen_ai.provider.name of the wire API (openai | anthropic)
+    span: Span = field(default=INVALID_SPAN)
+    attempt_span: Span = field(default=INVALID_SPAN)
+    trace_id: str | None = None
+    span_id: str | None = None
+    timings: Timings = field(default_factory=Timings)
+    overhead_ms: float | None = None
     facts: StreamFacts | None = field(default=None)
 
 
@@ -235,20 +263,47 @@ class Handler:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         runtime = request.app[RUNTIME].current
+        tel = request.app[TELEMETRY]
         loop = asyncio.get_running_loop()
-        outcome = Outcome(started=loop.time())
-        family = self.endpoint.family
+        endpoint = self.endpoint
+        outcome = Outcome(
+            started=loop.time(), operation=endpoint.operation, api=endpoint.family.value
+        )
+        family = endpoint.family
+        span = tel.server_span(f"{request.method} {endpoint.path}", request.headers)
+        outcome.span = span
+        outcome.trace_id, outcome.span_id = ids(span)
+        # Log lines written while handling this request carry its trace ids.
+        token = otel_context.attach(trace.set_span_in_context(span))
         try:
-            caller = await authenticate(request.headers, runtime, request.app.get(JWT))
+            auth_span = tel.child(span, "gateway.auth")
+            try:
+                caller = await authenticate(request.headers, runtime, request.app.get(JWT))
+            except GatewayError as err:
+                set_error(auth_span, "authentication_failed", err.message)
+                raise
+            finally:
+                auth_span.end()
             outcome.caller = caller.id
             raw = await read_body(request, runtime.server.max_request_bytes)
-            parsed = parse_request(self.endpoint, raw, request.headers)
+            parsed = parse_request(endpoint, raw, request.headers)
             outcome.model = parsed.model
             outcome.stream = parsed.stream
+            span.set_attributes(
+                attrs(
+                    gen_ai__request__model=parsed.model,
+                    gen_ai__operation__name=endpoint.operation,
+                    gateway__caller=caller.id,
+                    gateway__tier=caller.tier,
+                )
+            )
+            if tel.capture_content:
+                span.set_attribute("gen_ai.input.messages", raw[:65536].decode(errors="replace"))
             route = resolve_route(runtime, caller, parsed)
             outcome.estimate = estimate_tokens(raw, parsed, route)
             spec = caller.limits
             if spec is None:
+                outcome.timings.admitted = loop.time()
                 return await self._forward(request, runtime, parsed, route, outcome)
             return await self._admitted(request, runtime, raw, parsed, route, spec, outcome)
         except GatewayError as err:
@@ -262,11 +317,14 @@ class Handler:
             return response
         except asyncio.CancelledError:
             outcome.outcome = "client_cancel"
+            span.add_event("gateway.client_cancel")
             raise
         finally:
             now = loop.time()
+            _finish_server_span(span, outcome, now)
             for sink in request.app[OUTCOME_SINKS]:
                 sink(outcome, now)
+            otel_context.detach(token)
 
     async def _admitted(
         self,
@@ -285,11 +343,15 @@ class Handler:
         if not parsed.stream and spec.concurrent_streams is not None:
             # The concurrency limit is on open streams; a plain request takes no slot.
             spec = dataclasses.replace(spec, concurrent_streams=None)
+        tel = request.app[TELEMETRY]
+        limits_span = tel.child(outcome.span, "gateway.limits")
         try:
             decision = await limiter.admit(
                 outcome.caller or "", spec, tokens, route.timeouts.total_s + 60
             )
         except LimiterUnavailable:
+            set_error(limits_span, "limiter_unavailable")
+            limits_span.end()
             retry = max(1, math.ceil(runtime.config.state.retry_redis_after_s))
             raise GatewayError(
                 503,
@@ -299,6 +361,20 @@ class Handler:
                 headers={"retry-after": str(retry)},
             ) from None
         outcome.limiter = "degraded" if decision.degraded else "ok"
+        backend = "fallback" if decision.degraded else limiter.name
+        tel.metrics.limiter_decisions.labels(
+            backend, "allowed" if decision.allowed else "denied", decision.denied_by or "none"
+        ).inc()
+        limits_span.set_attributes(
+            attrs(
+                gateway__limiter__backend=backend,
+                gateway__limiter__allowed=decision.allowed,
+                gateway__limiter__denied_by=decision.denied_by,
+                gateway__limiter__reserved_tokens=decision.reserved_tokens,
+            )
+        )
+        limits_span.end()
+        outcome.timings.admitted = asyncio.get_running_loop().time()
         if not decision.allowed:
             prefix = "degraded_" if decision.degraded else ""
             outcome.limiter = f"{prefix}denied_{decision.denied_by}"
@@ -327,6 +403,10 @@ class Handler:
                 await limiter.reconcile(outcome.caller, spec, -decision.reserved_tokens)
             return
         outcome.reconciled = actual - decision.reserved_tokens
+        outcome.span.add_event(
+            "gateway.reservation_reconciled",
+            {"reserved_tokens": decision.reserved_tokens, "used_tokens": actual},
+        )
         await limiter.reconcile(outcome.caller, spec, actual - decision.reserved_tokens)
 
     # -- the attempt loop -------------------------------------------------------------------
@@ -391,13 +471,25 @@ class Handler:
         tried: list[set[str]] = [set() for _ in route.deployments]
         over_budget: dict[int, float] = {}  # deployment index -> seconds until its budget
         rng = request.app[RANDOM]
+        tel = request.app[TELEMETRY]
         last: _Failure | None = None
         while outcome.attempts < policy.max_attempts:
             # A key fault rotates to the next key at once; anything else backs off.
+            delay = 0.0
             if last is not None and last.verdict.key_action is not KeyAction.DISABLE:
                 delay = backoff_s(outcome.attempts, policy.base_delay_s, policy.max_delay_s, rng)
                 if loop.time() + delay >= retry_deadline:
                     break
+            if last is not None:
+                outcome.span.add_event(
+                    "gateway.retry",
+                    {
+                        "gateway.attempt": outcome.attempts + 1,
+                        "gateway.retry.reason": last.verdict.reason,
+                        "gateway.retry.backoff_ms": round(delay * 1000, 3),
+                    },
+                )
+            if delay:
                 await asyncio.sleep(delay)
             choice = _choose(route, time.time(), tried, over_budget)
             if (
@@ -430,19 +522,53 @@ class Handler:
             outcome.deployment = f"{deployment.provider.name}/{deployment.model}"
             outcome.key_id = lease.key.id
             outcome.key_fp = lease.key.fingerprint
+            attempt_span = tel.child(
+                outcome.span, f"{self.endpoint.operation} {deployment.model}", SpanKind.CLIENT
+            )
+            attempt_span.set_attributes(
+                attrs(
+                    gen_ai__operation__name=self.endpoint.operation,
+                    gen_ai__provider__name=self.endpoint.family.value,
+                    gen_ai__request__model=deployment.model,
+                    gen_ai__request__stream=parsed.stream,
+                    gen_ai__request__max_tokens=_max_tokens(parsed),
+                    server__address=deployment.server_address,
+                    server__port=deployment.server_port,
+                    gateway__deployment=outcome.deployment,
+                    gateway__key_id=lease.key.id,
+                    gateway__key_fp=lease.key.fingerprint,
+                    gateway__attempt=outcome.attempts,
+                )
+            )
+            outcome.attempt_span = attempt_span
+            outcome.timings.attempt_started = loop.time()
+            result: web.StreamResponse | _Failure | None = None
             try:
                 result = await self._attempt(
                     request, runtime, parsed, route, deployment, lease, outcome
                 )
             finally:
                 lease.release()
+                _finish_attempt_span(attempt_span, outcome, result)
             if not isinstance(result, _Failure):
                 deployment.pool.succeeded(lease.key, time.time())
                 return result
             verdict = result.verdict
-            outcome.retry_reasons.append(verdict.reason)
+            if verdict.retryable:
+                outcome.retry_reasons.append(verdict.reason)
+                tel.metrics.retries.labels(deployment.provider.name, verdict.reason).inc()
             for change in deployment.pool.failed(lease.key, verdict, time.time()):
                 _log_health(deployment.provider.name, change)
+                outcome.span.add_event(
+                    f"gateway.key_{change.block.state}",
+                    attrs(
+                        gateway__key_id=change.subject if change.fingerprint else None,
+                        gateway__key_fp=change.fingerprint,
+                        gateway__provider=deployment.provider.name,
+                        gateway__reason=change.block.reason,
+                        gateway__seconds=round(max(0.0, change.block.until - time.time()), 3),
+                    ),
+                )
             if not verdict.retryable:
                 return self._final(result, outcome)
             last = result
@@ -493,12 +619,16 @@ class Handler:
         )
         session = request.app[HTTP_CLIENT]
         provider = deployment.provider.name
+        headers = dict(ureq.headers)
+        request.app[TELEMETRY].inject(outcome.attempt_span, headers)
+        connect = ConnectTiming()
         try:
             async with asyncio.timeout_at(first_byte_deadline):
                 upstream = await session.post(
                     ureq.url,
                     data=ureq.body,
-                    headers=ureq.headers,
+                    headers=headers,
+                    trace_request_ctx=connect,
                     allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(
                         total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s
@@ -533,6 +663,10 @@ class Handler:
                 f"The connection to the upstream provider '{provider}' failed before a response.",
             )
         outcome.upstream_status = upstream.status
+        outcome.timings.connect_s = connect.seconds
+        outcome.attempt_span.add_event(
+            "gen_ai.response_headers", {"http.status_code": upstream.status}
+        )
         try:
             content_type = upstream.headers.get("content-type", "")
             if upstream.status < 300 and content_type.startswith("text/event-stream"):
@@ -599,8 +733,12 @@ class Handler:
             outcome.status = status
             outcome.bytes_out = len(body)
             outcome.usage = _USAGE_FROM_BODY[self.endpoint.family](body)
+            loop = asyncio.get_running_loop()
+            # The whole answer is the "first byte" of a non-stream response.
+            outcome.timings.first_upstream_byte = loop.time()
             response = web.Response(status=status, body=body, headers=headers)
             self._stamp(response, outcome)
+            _mark_overhead(response, outcome, loop.time())
             return response
         verdict = classify_status(status, upstream.headers, body, time.time())
         if status in KEY_FAULT_STATUSES:
@@ -640,6 +778,9 @@ class Handler:
                     chunk = await upstream.content.readany()
                     if not chunk:
                         break
+                    if not held:
+                        outcome.timings.first_upstream_byte = loop.time()
+                        outcome.attempt_span.add_event("gen_ai.first_byte")
                     held += chunk
                     now = loop.time()
                     for event in decoder.feed(chunk):
@@ -699,16 +840,69 @@ class Handler:
         self._stamp(response, outcome)
         outcome.facts = facts
         outcome.status = upstream.status
+        attempt_span = outcome.attempt_span
+
+        def first_token() -> None:
+            # Recorded live, the moment the first content event passes (not at the end).
+            assert facts.first_token_at is not None
+            attempt_span.add_event("gen_ai.first_token")
+            attempt_span.set_attribute(
+                "gen_ai.response.time_to_first_chunk", facts.first_token_at - outcome.started
+            )
+
+        _mark_overhead(response, outcome, loop.time())
         await response.prepare(request)
         stripper = UsageStripper() if parsed.inject_usage else None
+        metrics = request.app[TELEMETRY].metrics
+        active = metrics.active_streams.labels(outcome.model or "")
+        active.inc()
         try:
-            first = bytes(held) if stripper is None else stripper.feed(bytes(held))
-            if first:
-                await response.write(first)
-        except ConnectionResetError:
-            outcome.outcome = StreamEnd.CLIENT_CANCEL.value
-            return response
-        del held
+            try:
+                first = bytes(held) if stripper is None else stripper.feed(bytes(held))
+                if first:
+                    await response.write(first)
+                outcome.timings.first_byte_sent = loop.time()
+            except ConnectionResetError:
+                outcome.outcome = StreamEnd.CLIENT_CANCEL.value
+                return response
+            del held
+            on_first_token: Callable[[], None] | None = first_token
+            if facts.first_token_at is not None:
+                first_token()
+                on_first_token = None
+            return await self._relay(
+                request,
+                upstream,
+                response,
+                decoder,
+                observer,
+                route,
+                runtime,
+                outcome,
+                stripper,
+                on_first_token,
+                provider,
+            )
+        finally:
+            active.dec()
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        decoder: SSEDecoder,
+        observer: StreamObserver,
+        route: Route,
+        runtime: Runtime,
+        outcome: Outcome,
+        stripper: UsageStripper | None,
+        on_first_token: Callable[[], None] | None,
+        provider: str,
+    ) -> web.StreamResponse:
+        endpoint = self.endpoint
+        facts = observer.facts
+        deadline = outcome.started + route.timeouts.total_s
 
         def error_event(end: StreamEnd) -> bytes:
             messages = {
@@ -744,10 +938,15 @@ class Handler:
             keepalive_s=runtime.server.keepalive_comment_s,
             error_event=error_event,
             stripper=stripper,
+            on_first_token=on_first_token,
         )
         outcome.outcome = result.end.value
         outcome.bytes_out = result.bytes_out
         if result.end in (StreamEnd.CHUNK_TIMEOUT, StreamEnd.TOTAL_TIMEOUT):
+            outcome.span.add_event(
+                f"gateway.stream_{result.end.value}",
+                {"gateway.events": facts.events, "gateway.limit_s": route.timeouts.chunk_s},
+            )
             _log.warning(
                 "stream killed",
                 reason=result.end.value,
@@ -815,6 +1014,109 @@ def _choose(
             if unblock is not None:
                 soonest = unblock if soonest is None else min(soonest, unblock)
     return soonest
+
+
+class ConnectTiming:
+    """Filled by the HTTP client's trace hooks when an attempt opens a new connection."""
+
+    __slots__ = ("end", "start")
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.end: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start if self.start is not None and self.end is not None else 0.0
+
+
+def _max_tokens(parsed: ParsedRequest) -> int | None:
+    for name in parsed.endpoint.cap_fields:
+        value = as_int(parsed.body.get(name))
+        if value is not None:
+            return value
+    return None
+
+
+def _mark_overhead(response: web.StreamResponse, outcome: Outcome, now: float) -> None:
+    """Time spent in the gateway up to the first byte sent, upstream time excluded: admission
+    (auth, parsing, limits) plus relay (from the first upstream byte to the response)."""
+    t = outcome.timings
+    if t.admitted is None or t.first_upstream_byte is None:
+        return
+    overhead = (t.admitted - outcome.started) + (now - t.first_upstream_byte)
+    outcome.overhead_ms = overhead * 1000
+    response.headers["x-gateway-overhead-ms"] = f"{overhead * 1000:.3f}"
+
+
+def _finish_attempt_span(
+    span: Span, outcome: Outcome, result: web.StreamResponse | _Failure | None
+) -> None:
+    if result is None:
+        span.set_attribute("gateway.attempt.outcome", "client_cancel")
+        set_error(span, "client_cancel")
+    elif isinstance(result, _Failure):
+        span.set_attribute("gateway.attempt.outcome", result.verdict.reason)
+        set_error(span, result.verdict.reason)
+    else:
+        facts = outcome.facts
+        usage = facts.usage if facts is not None else outcome.usage
+        span.set_attributes(
+            attrs(
+                gateway__attempt__outcome=outcome.outcome,
+                gen_ai__response__id=facts.response_id if facts else None,
+                gen_ai__response__model=facts.response_model if facts else None,
+                gen_ai__usage__input_tokens=usage.input_tokens if usage else None,
+                gen_ai__usage__output_tokens=usage.output_tokens if usage else None,
+                gen_ai__usage__cache_read__input_tokens=(
+                    usage.cache_read_input_tokens if usage else None
+                ),
+                gateway__events=facts.events if facts else None,
+            )
+        )
+        if facts is not None and facts.finish_reason is not None:
+            span.set_attribute("gen_ai.response.finish_reasons", [facts.finish_reason])
+        if outcome.outcome not in ("ok",):
+            set_error(span, outcome.outcome)
+    span.end()
+
+
+def _finish_server_span(span: Span, outcome: Outcome, now: float) -> None:
+    t = outcome.timings
+    values: dict[str, Any] = attrs(
+        http__response__status_code=outcome.status,
+        gateway__outcome=outcome.outcome,
+        gateway__attempts=outcome.attempts,
+        gateway__deployment=outcome.deployment,
+        gateway__key_id=outcome.key_id,
+        gateway__overhead_ms=outcome.overhead_ms,
+    )
+    # Where the client's time to first byte went.
+    if t.admitted is not None:
+        values["gateway.ttft.admission_ms"] = (t.admitted - outcome.started) * 1000
+        if t.attempt_started is not None:
+            values["gateway.ttft.retries_ms"] = (t.attempt_started - t.admitted) * 1000
+    if t.attempt_started is not None and t.first_upstream_byte is not None:
+        values["gateway.ttft.upstream_connect_ms"] = t.connect_s * 1000
+        values["gateway.ttft.upstream_ttfb_ms"] = (
+            t.first_upstream_byte - t.attempt_started - t.connect_s
+        ) * 1000
+    if t.first_upstream_byte is not None and t.first_byte_sent is not None:
+        values["gateway.ttft.relay_ms"] = (t.first_byte_sent - t.first_upstream_byte) * 1000
+    facts = outcome.facts
+    if facts is not None and facts.first_token_at is not None:
+        values["gen_ai.response.time_to_first_chunk"] = facts.first_token_at - outcome.started
+    span.set_attributes(values)
+    if outcome.outcome not in ("ok", "client_cancel") and (
+        outcome.status is None or outcome.status >= 500 or outcome.outcome in _STREAM_ERRORS
+    ):
+        set_error(span, outcome.outcome)
+    span.end()
+
+
+_STREAM_ERRORS = frozenset(
+    {"chunk_timeout", "total_timeout", "truncated", "payload_error", "upstream_error"}
+)
 
 
 def _actual_tokens(outcome: Outcome) -> int | None:
@@ -885,6 +1187,11 @@ def access_log(o: Outcome, now: float) -> None:
         "attempts": o.attempts,
         "duration_ms": round((now - o.started) * 1000, 3),
     }
+    if o.trace_id is not None:
+        fields["trace_id"] = o.trace_id
+        fields["span_id"] = o.span_id
+    if o.overhead_ms is not None:
+        fields["overhead_ms"] = round(o.overhead_ms, 3)
     if o.retry_reasons:
         fields["retry_reasons"] = o.retry_reasons
     if o.limiter is not None:
@@ -921,3 +1228,74 @@ __all__ = [
     "read_body",
     "resolve_route",
 ]
+
+
+# Outcome labels of llm_gateway_requests_total: a bounded set (see gateway/metrics.py).
+_OUTCOME_LABELS = {
+    "ok": "ok",
+    "client_cancel": "client_cancel",
+    "chunk_timeout": "chunk_timeout",
+    "total_timeout": "total_timeout",
+    "truncated": "truncated",
+    "payload_error": "payload_error",
+    "upstream_error": "upstream_error",
+    "authentication": "auth_failed",
+    "permission": "forbidden",
+    "rate_limited": "rate_limited",
+    "internal": "internal_error",
+    "upstream_unavailable": "upstream_unavailable",
+    "limiter_unavailable": "upstream_unavailable",
+}
+
+
+def outcome_label(o: Outcome) -> str:
+    """The bounded `outcome` label of a finished request."""
+    label = _OUTCOME_LABELS.get(o.outcome)
+    if label is not None:
+        return label
+    status = o.status or 0
+    if status == 429:
+        return "rate_limited"
+    if status == 503:
+        return "upstream_unavailable"
+    if 400 <= status < 500:
+        return "invalid_request"
+    return "upstream_error"
+
+
+def record_metrics(metrics: Metrics, o: Outcome, now: float) -> None:
+    """The outcome sink that feeds /metrics (once per request, never per chunk)."""
+    model = o.model or ""
+    label = outcome_label(o)
+    metrics.requests.labels(model, label).inc()
+    if o.attempts == 0 and o.deployment is None:
+        return  # answered by the gateway alone: no GenAI operation happened
+    provider = o.api
+    deployment = o.deployment or ""
+    error_type = "" if label in ("ok", "client_cancel") else o.outcome
+    metrics.operation_duration.labels(o.operation, provider, model, deployment, error_type).observe(
+        now - o.started
+    )
+    if o.overhead_ms is not None:
+        metrics.overhead.labels(model).observe(o.overhead_ms / 1000)
+    facts = o.facts
+    usage = facts.usage if facts is not None else o.usage
+    if usage is not None:
+        if usage.input_tokens is not None:
+            metrics.token_usage.labels(o.operation, provider, model, "input").observe(
+                usage.input_tokens
+            )
+        if usage.output_tokens is not None:
+            metrics.token_usage.labels(o.operation, provider, model, "output").observe(
+                usage.output_tokens
+            )
+    if facts is not None and facts.first_token_at is not None:
+        metrics.time_to_first_chunk.labels(o.operation, provider, model, deployment).observe(
+            facts.first_token_at - o.started
+        )
+        last = facts.last_event_at
+        chunks = facts.events - (facts.first_token_event or 0) - 1
+        if last is not None and chunks > 0:
+            metrics.time_per_output_chunk.labels(o.operation, provider, model, deployment).observe(
+                (last - facts.first_token_at) / chunks
+            )

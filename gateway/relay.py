@@ -143,13 +143,16 @@ async def relay_stream(
     keepalive_s: float,
     error_event: Callable[[StreamEnd], bytes],
     stripper: UsageStripper | None = None,
+    on_first_token: Callable[[], None] | None = None,
 ) -> RelayResult:
     """Forward the rest of an already-prepared SSE response, reading upstream from where the
     caller's peek stopped (what it read is already written, fed and observed).
 
-    `error_event(end)` renders the final event that tells the client why the gateway ended a
-    stream the upstream did not end properly (truncated, broken, timed out). `stripper`, when
-    given, removes the usage the gateway asked for on the caller's behalf. Keep-alive
+    `on_first_token` is called once, the moment the first content event has passed (live
+    telemetry). `error_event(end)` renders the final event that tells the client why the
+    gateway ended a stream the upstream did not end properly (truncated, broken, timed out).
+    `stripper`, when given, removes the usage the gateway asked for on the caller's behalf.
+    Keep-alive
     comments go out after `keepalive_s` of upstream silence, only at event boundaries.
     Never raises for upstream or client failures (they are the result); re-raises a
     CancelledError that is not its own (client gone). The caller closes `upstream`.
@@ -167,6 +170,7 @@ async def relay_stream(
     write = response.write
     feed = decoder.feed
     on_event = observer.on_event
+    facts = observer.facts
     out = 0
     end = StreamEnd.OK
     resumed = False  # back from a keep-alive: the upstream's silence goes on
@@ -207,6 +211,10 @@ async def relay_stream(
                             now = loop.time()
                             for event in events:
                                 on_event(event, now)
+                            facts.last_event_at = now
+                            if on_first_token is not None and facts.first_token_at is not None:
+                                on_first_token()
+                                on_first_token = None
             except asyncio.CancelledError:
                 fired = watchdog.fired
                 if (fired is None and not watchdog.keepalive_due) or task.uncancel() != 0:
@@ -229,7 +237,6 @@ async def relay_stream(
     finally:
         watchdog.stop()
     observer.on_end()
-    facts = observer.facts
     if end is StreamEnd.OK:
         if facts.error_type is not None:
             return RelayResult(StreamEnd.UPSTREAM_ERROR, out, aborted=False)

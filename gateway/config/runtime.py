@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
@@ -100,6 +101,15 @@ class Deployment:
     provider: ProviderSpec
     model: str  # the upstream's model name
     pool: KeyPool = field(repr=False)
+
+    @property
+    def server_address(self) -> str | None:
+        return urlsplit(self.provider.base_url).hostname
+
+    @property
+    def server_port(self) -> int | None:
+        url = urlsplit(self.provider.base_url)
+        return url.port or (443 if url.scheme == "https" else 80)
 
 
 @dataclass(frozen=True, slots=True)

@@ -307,9 +307,23 @@ class ModelConfig(_Strict):
 
 class TelemetryConfig(_Strict):
     service_name: str = "llm-gateway"
+    # OTLP/HTTP endpoint of a collector (e.g. http://otel-collector:4318); empty = no export.
+    otlp_endpoint: str = ""
+    sample_ratio: float = Field(1.0, ge=0, le=1)  # of traces not sampled by the caller already
+    prometheus: bool = True  # GET /metrics
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+    # Prompt text on spans (gen_ai.input.messages). Off: no prompt or completion text is ever
+    # recorded in spans or logs.
+    capture_content: bool = False
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^\s]+$", value):
+            raise ValueError("must be an http(s) URL or empty")
+        return value
 
 
 class TierConfig(_Strict):

@@ -30,6 +30,7 @@ class StreamFacts:
     events: int = 0
     first_token_at: float | None = None
     first_token_event: int | None = None  # 0-based index of the first event with content
+    last_event_at: float | None = None
     response_id: str | None = None
     response_model: str | None = None
     finish_reason: str | None = None
