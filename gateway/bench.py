@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.server
 import importlib.util
 import math
 import os
@@ -78,6 +79,7 @@ class BenchSettings:
     streams: int  # 0: max(200, 4 x concurrency) per run
     max_seconds: float
     markdown: bool
+    tracing: bool = False  # the gateway exports every trace (sampled 100 %) over OTLP
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchSettings:
@@ -89,6 +91,7 @@ class BenchSettings:
             streams=int(args.streams),
             max_seconds=float(args.max_seconds),
             markdown=bool(args.markdown),
+            tracing=bool(getattr(args, "tracing", False)),
         )
         if settings.chunks < 1:
             raise BenchError("--chunks must be >= 1")
@@ -738,15 +741,23 @@ def table_rows(results: Sequence[RunResult]) -> list[list[str]]:
 def render(settings: BenchSettings, results: Sequence[RunResult]) -> str:
     rows = table_rows(results)
     lines: list[str] = []
+    tracing = (
+        "Tracing: ON, every request traced (100 % sampled) and exported over OTLP/HTTP to a "
+        "local sink"
+        if settings.tracing
+        else "Tracing: off (no OTLP endpoint: no-op tracer); metrics on, access log off"
+    )
     if settings.markdown:
-        lines += [f"- {line}" for line in machine_description() + method_description(settings)]
+        lines += [
+            f"- {line}" for line in [*machine_description(), *method_description(settings), tracing]
+        ]
         lines.append("")
         lines.append("| " + " | ".join(md for md, _ in _COLUMNS) + " |")
         # Numbers right-aligned, the path column left-aligned.
         lines.append("|" + "|".join("---" if md == "path" else "---:" for md, _ in _COLUMNS) + "|")
         lines += ["| " + " | ".join(row) + " |" for row in rows]
     else:
-        lines += machine_description() + method_description(settings)
+        lines += [*machine_description(), *method_description(settings), tracing]
         lines.append("")
         header = [plain for _, plain in _COLUMNS]
         widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
@@ -799,6 +810,27 @@ def run_bench(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+class _Sink(http.server.BaseHTTPRequestHandler):
+    """Accepts OTLP/HTTP exports and drops them (the collector's cost is not the gateway's)."""
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        self.rfile.read(length)
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+def start_otlp_sink() -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=server.serve_forever, name="otlp-sink", daemon=True).start()
+    return server
+
+
 def _run_bench(settings: BenchSettings) -> int:
     services: list[Service] = []
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
@@ -811,8 +843,17 @@ def _run_bench(settings: BenchSettings) -> int:
                 "FAKE_PROVIDER_URL": fake_url,
                 "GATEWAY_PORT": str(gateway_port),
             }
+            config = bench_config(DEMO_CONFIG, env)
+            if settings.tracing:
+                sink = start_otlp_sink()
+                config["telemetry"].update(
+                    otlp_endpoint=f"http://127.0.0.1:{sink.server_address[1]}", sample_ratio=1.0
+                )
+                _progress(
+                    f"tracing on: every trace exported to {config['telemetry']['otlp_endpoint']}"
+                )
             config_path = Path(tmp) / "bench.yaml"
-            config_path.write_text(yaml.safe_dump(bench_config(DEMO_CONFIG, env)))
+            config_path.write_text(yaml.safe_dump(config))
             services.append(
                 spawn(
                     "fake provider",

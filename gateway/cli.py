@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-seconds", type=float, default=60, help="time bound of each run")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument(
+        "--tracing",
+        action="store_true",
+        help="the gateway exports every trace (100 %% sampled) to a local OTLP sink",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

@@ -473,14 +473,18 @@ class Handler:
         rng = request.app[RANDOM]
         tel = request.app[TELEMETRY]
         last: _Failure | None = None
+        backoff_due = False  # a failure not yet followed by its backoff
         while outcome.attempts < policy.max_attempts:
             # A key fault rotates to the next key at once; anything else backs off.
             delay = 0.0
-            if last is not None and last.verdict.key_action is not KeyAction.DISABLE:
-                delay = backoff_s(outcome.attempts, policy.base_delay_s, policy.max_delay_s, rng)
-                if loop.time() + delay >= retry_deadline:
-                    break
-            if last is not None:
+            if backoff_due and last is not None:
+                backoff_due = False
+                if last.verdict.key_action is not KeyAction.DISABLE:
+                    delay = backoff_s(
+                        outcome.attempts, policy.base_delay_s, policy.max_delay_s, rng
+                    )
+                    if loop.time() + delay >= retry_deadline:
+                        break
                 outcome.span.add_event(
                     "gateway.retry",
                     {
@@ -560,7 +564,9 @@ class Handler:
             for change in deployment.pool.failed(lease.key, verdict, time.time()):
                 _log_health(deployment.provider.name, change)
                 outcome.span.add_event(
-                    f"gateway.key_{change.block.state}",
+                    "gateway.provider_backoff"
+                    if change.fingerprint is None
+                    else f"gateway.key_{change.block.state}",
                     attrs(
                         gateway__key_id=change.subject if change.fingerprint else None,
                         gateway__key_fp=change.fingerprint,
@@ -572,6 +578,7 @@ class Handler:
             if not verdict.retryable:
                 return self._final(result, outcome)
             last = result
+            backoff_due = True
             _log.info(
                 "upstream attempt failed",
                 attempt=outcome.attempts,

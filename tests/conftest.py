@@ -36,9 +36,9 @@ async def fake() -> AsyncIterator[Fake]:
 async def gateway_factory(fake: Fake) -> AsyncIterator[GatewayFactory]:
     runners: list[web.AppRunner] = []
 
-    async def factory(extra: dict[str, Any] | None = None) -> Gateway:
+    async def factory(extra: dict[str, Any] | None = None, tracer_provider: Any = None) -> Gateway:
         config = deep_merge(base_config(fake.url), extra or {})
-        runner, gw = await start_gateway(config)
+        runner, gw = await start_gateway(config, tracer_provider=tracer_provider)
         runners.append(runner)
         return gw
 

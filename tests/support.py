@@ -22,6 +22,7 @@ from gateway.app import create_app
 from gateway.appkeys import RUNTIME
 from gateway.config import Runtime, build_runtime, load_config_text
 from gateway.fakeprovider import FakeProvider
+from gateway.telemetry import Telemetry
 
 RECORDINGS = Path(__file__).parent / "data" / "recorded-streams"
 CALLER_KEY = "gw-test-caller-key-0001"
@@ -112,9 +113,14 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def start_gateway(config: dict[str, Any]) -> tuple[web.AppRunner, Gateway]:
+async def start_gateway(
+    config: dict[str, Any], *, tracer_provider: Any = None
+) -> tuple[web.AppRunner, Gateway]:
+    """The gateway in this process on a real loopback socket. `tracer_provider` (e.g. one
+    with an InMemorySpanExporter) receives its spans."""
     runtime = build_runtime(load_config_text(yaml.safe_dump(config), env={}))
-    app = create_app(runtime)
+    telemetry = Telemetry(runtime.telemetry, tracer_provider=tracer_provider)
+    app = create_app(runtime, telemetry=telemetry)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
