@@ -241,7 +241,9 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
-    app[TELEMETRY].shutdown()
+    # The exporter's final flush is blocking I/O (up to its timeout when the collector is
+    # down): off the event loop.
+    await asyncio.to_thread(app[TELEMETRY].shutdown)
 
 
 def create_app(

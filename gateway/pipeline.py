@@ -474,6 +474,7 @@ class Handler:
         tel = request.app[TELEMETRY]
         last: _Failure | None = None
         backoff_due = False  # a failure not yet followed by its backoff
+        last_provider = ""
         while outcome.attempts < policy.max_attempts:
             # A key fault rotates to the next key at once; anything else backs off.
             delay = 0.0
@@ -485,6 +486,19 @@ class Handler:
                     )
                     if loop.time() + delay >= retry_deadline:
                         break
+                # The next attempt is certain now: this failure is a retry.
+                outcome.retry_reasons.append(last.verdict.reason)
+                tel.metrics.retries.labels(last_provider, last.verdict.reason).inc()
+                _log.info(
+                    "upstream attempt failed",
+                    attempt=outcome.attempts,
+                    reason=last.verdict.reason,
+                    deployment=outcome.deployment,
+                    key_id=outcome.key_id,
+                    key_fp=outcome.key_fp,
+                    caller=outcome.caller,
+                    backoff_ms=round(delay * 1000, 3),
+                )
                 outcome.span.add_event(
                     "gateway.retry",
                     {
@@ -558,9 +572,7 @@ class Handler:
                 deployment.pool.succeeded(lease.key, time.time())
                 return result
             verdict = result.verdict
-            if verdict.retryable:
-                outcome.retry_reasons.append(verdict.reason)
-                tel.metrics.retries.labels(deployment.provider.name, verdict.reason).inc()
+            last_provider = deployment.provider.name
             for change in deployment.pool.failed(lease.key, verdict, time.time()):
                 _log_health(deployment.provider.name, change)
                 outcome.span.add_event(
@@ -579,15 +591,6 @@ class Handler:
                 return self._final(result, outcome)
             last = result
             backoff_due = True
-            _log.info(
-                "upstream attempt failed",
-                attempt=outcome.attempts,
-                reason=verdict.reason,
-                deployment=outcome.deployment,
-                key_id=lease.key.id,
-                key_fp=lease.key.fingerprint,
-                caller=outcome.caller,
-            )
         if last is None:  # max_attempts < 1 cannot happen (schema), but keep mypy honest
             raise _no_key_error(route, None)
         return self._final(last, outcome)
@@ -792,6 +795,7 @@ class Handler:
                     now = loop.time()
                     for event in decoder.feed(chunk):
                         observer.on_event(event, now)
+                        facts.last_event_at = now
                         if facts.events == 1:
                             first_is_error = facts.error_type is not None
         except TimeoutError:
@@ -853,8 +857,10 @@ class Handler:
             # Recorded live, the moment the first content event passes (not at the end).
             assert facts.first_token_at is not None
             attempt_span.add_event("gen_ai.first_token")
+            # The attempt's own time to first chunk (the server span has the caller's).
+            started = outcome.timings.attempt_started or outcome.started
             attempt_span.set_attribute(
-                "gen_ai.response.time_to_first_chunk", facts.first_token_at - outcome.started
+                "gen_ai.response.time_to_first_chunk", facts.first_token_at - started
             )
 
         _mark_overhead(response, outcome, loop.time())
@@ -868,6 +874,7 @@ class Handler:
                 first = bytes(held) if stripper is None else stripper.feed(bytes(held))
                 if first:
                     await response.write(first)
+                outcome.bytes_out = len(first)
                 outcome.timings.first_byte_sent = loop.time()
             except ConnectionResetError:
                 outcome.outcome = StreamEnd.CLIENT_CANCEL.value
@@ -948,7 +955,7 @@ class Handler:
             on_first_token=on_first_token,
         )
         outcome.outcome = result.end.value
-        outcome.bytes_out = result.bytes_out
+        outcome.bytes_out += result.bytes_out
         if result.end in (StreamEnd.CHUNK_TIMEOUT, StreamEnd.TOTAL_TIMEOUT):
             outcome.span.add_event(
                 f"gateway.stream_{result.end.value}",

@@ -192,3 +192,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# --- Sensitive strings: every secret and prompt the suite uses (log hygiene, telemetry tests).
+
+# Distinctive prompts: a test that sends one can then prove it appears in no log and no span.
+PROMPT_CANARIES = tuple(
+    f"canary prompt {i:02d}: the violet heron counts {i * 7919 + 104729} pebbles" for i in range(24)
+)
+# A caller key nobody configured (the 401 path) and a shared JWT secret (HS256, >= 32 bytes).
+UNKNOWN_CALLER_KEY = "gw-test-unknown-caller-key-9999"
+JWT_TEST_SECRET = "jwt-test-hs256-shared-secret-0123456789abcdef"
+
+
+def sensitive_strings(extra: tuple[str, ...] = ()) -> frozenset[str]:
+    """Every caller key, upstream key, JWT secret and canary prompt the suite uses: the
+    constants above plus every `sk-…` literal (10+ characters) in the tests' sources, plus
+    `extra` (tokens minted at run time). None of them may ever appear in a log line or span."""
+    import re
+
+    found: set[str] = {
+        CALLER_KEY,
+        OTHER_CALLER_KEY,
+        UNKNOWN_CALLER_KEY,
+        JWT_TEST_SECRET,
+        *UPSTREAM_KEYS,
+        *ANTHROPIC_KEYS,
+        *FALLBACK_KEYS,
+        *REVOKED_KEYS,
+        *PROMPT_CANARIES,
+        *extra,
+    }
+    literal = re.compile(r"""["'](sk-[A-Za-z0-9_-]{7,})["']""")
+    for path in Path(__file__).parent.rglob("*.py"):
+        found.update(literal.findall(path.read_text(encoding="utf-8")))
+    return frozenset(found)
