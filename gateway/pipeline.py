@@ -429,14 +429,18 @@ class Handler:
 
     @staticmethod
     async def _settle_providers(limiter: Limiter, outcome: Outcome) -> None:
+        """Reconcile provider budgets: the attempt that answered is charged its real usage;
+        attempts that failed before generating anything get their token reservation back (their
+        request still counts against requests per minute)."""
         actual = _actual_tokens(outcome)
-        for subject, spec, reserved in outcome.provider_charges:
+        last = len(outcome.provider_charges) - 1
+        for i, (subject, spec, reserved) in enumerate(outcome.provider_charges):
             if spec.tokens_per_minute is None:
                 continue
-            if actual is not None:
-                await limiter.reconcile(subject, spec, actual - reserved)
-            elif outcome.upstream_status is None:
+            if i < last or (actual is None and outcome.upstream_status is None):
                 await limiter.reconcile(subject, spec, -reserved)
+            elif actual is not None:
+                await limiter.reconcile(subject, spec, actual - reserved)
 
     async def _provider_admits(
         self, request: web.Request, deployment: Deployment, outcome: Outcome

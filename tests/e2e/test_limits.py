@@ -322,3 +322,34 @@ async def test_starts_with_redis_down_and_recovers_by_itself(
             assert [o.limiter for o in outcomes[3:]] == ["ok"] * 4 + ["denied_rpm"]
         finally:
             server.stop()
+
+
+async def test_provider_tokens_are_charged_once_across_retries(
+    gateway_factory: GatewayFactory, fake: Fake
+) -> None:
+    # 3000 per minute comes back at 50 tokens/s: the checks below take a few ms (< 1 token).
+    gw = await gateway_factory({"providers": {"oa": {"limits": {"tokens_per_minute": 3000}}}})
+    body = chat(max_tokens=500)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            gw.url + "/v1/chat/completions",
+            data=body,
+            headers=auth(
+                **{
+                    "x-fake-plan": orjson.dumps([{"status": 500}, {"chunks": 4}]).decode(),
+                    "x-fake-session": "provider-retry",
+                }
+            ),
+        ) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-gateway-attempts"] == "2"
+            usage = (await resp.json())["usage"]
+    used = usage["prompt_tokens"] + usage["completion_tokens"]
+    limiter = gw.app[LIMITER]
+    assert isinstance(limiter, MemoryLimiter)
+    spec = gw.runtime.providers["oa"].limits
+    assert spec is not None
+    # Exactly `used` tokens are gone from the provider's budget: the failed attempt's
+    # reservation was refunded, the served one reconciled to its real usage.
+    assert (await limiter.admit("provider:oa", spec, 3000 - used, 1)).allowed
+    assert not (await limiter.admit("provider:oa", spec, 5, 1)).allowed
