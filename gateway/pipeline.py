@@ -289,14 +289,15 @@ class Handler:
             parsed = parse_request(endpoint, raw, request.headers)
             outcome.model = parsed.model
             outcome.stream = parsed.stream
-            span.set_attributes(
-                attrs(
-                    gen_ai__request__model=parsed.model,
-                    gen_ai__operation__name=endpoint.operation,
-                    gateway__caller=caller.id,
-                    gateway__tier=caller.tier,
+            if span.is_recording():  # attribute dicts cost time even for a no-op tracer
+                span.set_attributes(
+                    attrs(
+                        gen_ai__request__model=parsed.model,
+                        gen_ai__operation__name=endpoint.operation,
+                        gateway__caller=caller.id,
+                        gateway__tier=caller.tier,
+                    )
                 )
-            )
             if tel.capture_content:
                 span.set_attribute("gen_ai.input.messages", raw[:65536].decode(errors="replace"))
             route = resolve_route(runtime, caller, parsed)
@@ -365,14 +366,15 @@ class Handler:
         tel.metrics.limiter_decisions.labels(
             backend, "allowed" if decision.allowed else "denied", decision.denied_by or "none"
         ).inc()
-        limits_span.set_attributes(
-            attrs(
-                gateway__limiter__backend=backend,
-                gateway__limiter__allowed=decision.allowed,
-                gateway__limiter__denied_by=decision.denied_by,
-                gateway__limiter__reserved_tokens=decision.reserved_tokens,
+        if limits_span.is_recording():
+            limits_span.set_attributes(
+                attrs(
+                    gateway__limiter__backend=backend,
+                    gateway__limiter__allowed=decision.allowed,
+                    gateway__limiter__denied_by=decision.denied_by,
+                    gateway__limiter__reserved_tokens=decision.reserved_tokens,
+                )
             )
-        )
         limits_span.end()
         outcome.timings.admitted = asyncio.get_running_loop().time()
         if not decision.allowed:
@@ -547,21 +549,22 @@ class Handler:
             attempt_span = tel.child(
                 outcome.span, f"{self.endpoint.operation} {deployment.model}", SpanKind.CLIENT
             )
-            attempt_span.set_attributes(
-                attrs(
-                    gen_ai__operation__name=self.endpoint.operation,
-                    gen_ai__provider__name=self.endpoint.family.value,
-                    gen_ai__request__model=deployment.model,
-                    gen_ai__request__stream=parsed.stream,
-                    gen_ai__request__max_tokens=_max_tokens(parsed),
-                    server__address=deployment.server_address,
-                    server__port=deployment.server_port,
-                    gateway__deployment=outcome.deployment,
-                    gateway__key_id=lease.key.id,
-                    gateway__key_fp=lease.key.fingerprint,
-                    gateway__attempt=outcome.attempts,
+            if attempt_span.is_recording():
+                attempt_span.set_attributes(
+                    attrs(
+                        gen_ai__operation__name=self.endpoint.operation,
+                        gen_ai__provider__name=self.endpoint.family.value,
+                        gen_ai__request__model=deployment.model,
+                        gen_ai__request__stream=parsed.stream,
+                        gen_ai__request__max_tokens=_max_tokens(parsed),
+                        server__address=deployment.server_address,
+                        server__port=deployment.server_port,
+                        gateway__deployment=outcome.deployment,
+                        gateway__key_id=lease.key.id,
+                        gateway__key_fp=lease.key.fingerprint,
+                        gateway__attempt=outcome.attempts,
+                    )
                 )
-            )
             outcome.attempt_span = attempt_span
             outcome.timings.attempt_started = loop.time()
             result: web.StreamResponse | _Failure | None = None
@@ -1070,6 +1073,9 @@ def _mark_overhead(response: web.StreamResponse, outcome: Outcome, now: float) -
 def _finish_attempt_span(
     span: Span, outcome: Outcome, result: web.StreamResponse | _Failure | None
 ) -> None:
+    if not span.is_recording():
+        span.end()
+        return
     if result is None:
         span.set_attribute("gateway.attempt.outcome", "client_cancel")
         set_error(span, "client_cancel")
@@ -1100,6 +1106,9 @@ def _finish_attempt_span(
 
 
 def _finish_server_span(span: Span, outcome: Outcome, now: float) -> None:
+    if not span.is_recording():
+        span.end()
+        return
     t = outcome.timings
     values: dict[str, Any] = attrs(
         http__response__status_code=outcome.status,
