@@ -22,12 +22,13 @@ from gateway.appkeys import (
     RANDOM,
     RUNTIME,
     TELEMETRY,
+    JwtHolder,
     OutcomeSink,
     RuntimeHolder,
 )
 from gateway.auth import authenticate
 from gateway.config.runtime import Runtime
-from gateway.config.schema import GatewayConfig
+from gateway.config.schema import GatewayConfig, JwtConfig
 from gateway.errors import GatewayError, Kind
 from gateway.jwtauth import JwtVerifier
 from gateway.limits.base import Limiter
@@ -85,7 +86,7 @@ async def error_middleware(
 async def models_handler(request: web.Request) -> web.Response:
     """`GET /v1/models`: the models this caller may use, in the caller's API format."""
     runtime = request.app[RUNTIME].current
-    caller = await authenticate(request.headers, runtime, request.app.get(JWT))
+    caller = await authenticate(request.headers, runtime, request.app[JWT].current)
     routes = runtime.models_for(caller)
     if "anthropic-version" in request.headers:
         data = [
@@ -213,10 +214,12 @@ def _limiter_ctx(limiter: Limiter) -> Callable[[web.Application], AsyncIterator[
 
 async def _jwt_ctx(app: web.Application) -> AsyncIterator[None]:
     # After the HTTP client context: the JWKS is fetched with the app's client session.
-    verifier = app.get(JWT)
+    verifier = app[JWT].current
     if verifier is not None:
         await verifier.start(app[HTTP_CLIENT])
     yield
+    # The one in use at the end (a reload may have replaced the first).
+    verifier = app[JWT].current
     if verifier is not None:
         await verifier.close()
 
@@ -246,6 +249,19 @@ async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(app[TELEMETRY].shutdown)
 
 
+async def swap_jwt(app: web.Application, config: JwtConfig | None) -> None:
+    """Put a verifier for `config` in service (a reload changed `auth.jwt`). The new one has
+    fetched its keys before it takes over; the old one is closed after. Raises ValueError for
+    a bad PEM file, before anything changes."""
+    holder = app[JWT]
+    new = JwtVerifier(config) if config is not None else None
+    if new is not None:
+        await new.start(app[HTTP_CLIENT])
+    old, holder.current = holder.current, new
+    if old is not None:
+        await old.close()
+
+
 def create_app(
     runtime: Runtime,
     limiter: Limiter | None = None,
@@ -259,8 +275,7 @@ def create_app(
     app[RANDOM] = random.Random()  # noqa: S311  (backoff jitter, not a secret)
     app[LIMITER] = limiter if limiter is not None else build_limiter(runtime)
     jwt_config = runtime.config.auth.jwt
-    if jwt_config is not None:
-        app[JWT] = JwtVerifier(jwt_config)
+    app[JWT] = JwtHolder(JwtVerifier(jwt_config) if jwt_config is not None else None)
     tel = telemetry if telemetry is not None else Telemetry(runtime.telemetry)
     app[TELEMETRY] = tel
     sinks: list[OutcomeSink] = [functools.partial(record_metrics, tel.metrics)]

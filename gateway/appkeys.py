@@ -20,6 +20,14 @@ if TYPE_CHECKING:
 
 
 @dataclass(slots=True)
+class JwtHolder:
+    """The JWT verifier in use; a reload with new `auth.jwt` settings replaces `current` once
+    the new verifier has its keys."""
+
+    current: JwtVerifier | None
+
+
+@dataclass(slots=True)
 class RuntimeHolder:
     """The current runtime. A reload replaces `current` in one assignment; each request reads
     it once and keeps that snapshot."""
@@ -31,8 +39,8 @@ RUNTIME = web.AppKey("runtime", RuntimeHolder)
 HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 # Per-caller limits (memory or Redis); outlives config reloads.
 LIMITER = web.AppKey("limiter", Limiter)
-# JWT verification: present only when auth.jwt is configured (read with `app.get(JWT)`).
-JWT = web.AppKey("jwt", JwtVerifier)
+# JWT verification (`current` is None when auth.jwt is not configured); a reload swaps it.
+JWT = web.AppKey("jwt", JwtHolder)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 # Jitter for retry backoff (an app-level instance: tests can seed it).
 RANDOM = web.AppKey("random", random.Random)

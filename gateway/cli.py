@@ -29,7 +29,7 @@ def _install_uvloop() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.app import build_state, create_app  # noqa: PLC0415
+    from gateway.app import build_state, create_app, swap_jwt  # noqa: PLC0415
 
     try:
         config = load_config(args.config)
@@ -45,6 +45,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def on_startup(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
 
+        reloading: set[asyncio.Task[None]] = set()
+
+        async def apply(new: Runtime) -> None:
+            old = app[RUNTIME].current
+            if new.config.auth.jwt != old.config.auth.jwt:
+                try:
+                    await swap_jwt(app, new.config.auth.jwt)
+                except ValueError as exc:
+                    log.error("config reload rejected", error=f"auth.jwt: {exc}")
+                    return
+            app[RUNTIME].current = new
+            log.info("config reloaded", models=len(new.routes), providers=len(new.providers))
+
         def reload() -> None:
             # A bad file leaves the running config in place, whole; the log says why.
             try:
@@ -52,8 +65,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except ConfigError as exc:
                 log.error("config reload rejected", error=str(exc))
                 return
-            app[RUNTIME].current = new
-            log.info("config reloaded", models=len(new.routes), providers=len(new.providers))
+            task = loop.create_task(apply(new), name="config-reload")
+            reloading.add(task)
+            task.add_done_callback(reloading.discard)
 
         loop.add_signal_handler(signal.SIGHUP, reload)
 

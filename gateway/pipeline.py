@@ -278,7 +278,7 @@ class Handler:
         try:
             auth_span = tel.child(span, "gateway.auth")
             try:
-                caller = await authenticate(request.headers, runtime, request.app.get(JWT))
+                caller = await authenticate(request.headers, runtime, request.app[JWT].current)
             except GatewayError as err:
                 set_error(auth_span, "authentication_failed", err.message)
                 raise

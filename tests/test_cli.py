@@ -182,3 +182,52 @@ async def test_sigterm_drains_open_streams(served: Served) -> None:
     assert received.endswith(b"data: [DONE]\n\n")
     assert received.count(b"\n\n") == 1 + 20 + 1 + 1
     assert await asyncio.to_thread(served.proc.wait, 15) == 0
+
+
+async def test_sighup_swaps_the_jwt_settings(served: Served) -> None:
+    import time as _time
+
+    import jwt as pyjwt
+
+    secret_a = "first-hs256-secret-of-at-least-32-bytes"
+    secret_b = "second-hs256-secret-of-at-least-32-bytes"
+
+    def token(secret: str) -> str:
+        now = int(_time.time())
+        claims = {
+            "iss": "https://idp.test/",
+            "aud": "gw",
+            "sub": "svc",
+            "iat": now,
+            "exp": now + 300,
+        }
+        return pyjwt.encode(claims, secret, algorithm="HS256")
+
+    async def status(tok: str) -> int:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(
+                served.url + "/v1/models", headers={"authorization": f"Bearer {tok}"}
+            ) as resp:
+                return resp.status
+
+    config: dict[str, Any] = yaml.safe_load(served.config.read_text())
+    jwt_config = {"issuer": "https://idp.test/", "audience": "gw", "algorithms": ["HS256"]}
+    config["auth"]["jwt"] = {**jwt_config, "secret": secret_a}
+    served.config.write_text(yaml.safe_dump(config))
+    served.proc.send_signal(signal.SIGHUP)
+    for _ in range(100):
+        if await status(token(secret_a)) == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert await status(token(secret_a)) == 200
+    assert await status(token(secret_b)) == 401
+
+    config["auth"]["jwt"] = {**jwt_config, "secret": secret_b}
+    served.config.write_text(yaml.safe_dump(config))
+    served.proc.send_signal(signal.SIGHUP)
+    for _ in range(100):
+        if await status(token(secret_b)) == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert await status(token(secret_b)) == 200
+    assert await status(token(secret_a)) == 401
