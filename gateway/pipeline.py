@@ -320,6 +320,11 @@ class Handler:
             outcome.outcome = "client_cancel"
             span.add_event("gateway.client_cancel")
             raise
+        except Exception:
+            # A bug: the middleware answers 500 and logs it; the outcome must not say "ok".
+            outcome.outcome = "internal"
+            outcome.status = outcome.status if outcome.facts is not None else 500
+            raise
         finally:
             now = loop.time()
             _finish_server_span(span, outcome, now)
@@ -686,7 +691,11 @@ class Handler:
         )
         try:
             content_type = upstream.headers.get("content-type", "")
-            if upstream.status < 300 and content_type.startswith("text/event-stream"):
+            if (
+                upstream.status < 300
+                and content_type.startswith("text/event-stream")
+                and self.endpoint.observer is not None  # e.g. embeddings never stream
+            ):
                 return await self._stream(
                     request,
                     parsed,
