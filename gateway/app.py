@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -118,7 +119,9 @@ async def models_handler(request: web.Request) -> web.Response:
 async def health_handler(request: web.Request) -> web.Response:
     """`GET /healthz`: the process is up and serving (no auth, no upstream calls)."""
     return web.Response(
-        body=orjson.dumps({"status": "ok", "version": __version__, "time": time.time()}),
+        body=orjson.dumps(
+            {"status": "ok", "version": __version__, "pid": os.getpid(), "time": time.time()}
+        ),
         content_type="application/json",
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,11 +29,37 @@ def _install_uvloop() -> None:
     uvloop.install()
 
 
+def _supervise(args: argparse.Namespace, workers: int) -> int:
+    """`server.workers` > 1: start that many worker processes on the same port (SO_REUSEPORT)
+    and pass SIGTERM / SIGINT / SIGHUP on to them. Returns when every worker has exited."""
+    argv = [sys.executable, "-m", "gateway", "serve", "--config", args.config, "--worker"]
+    if args.host:
+        argv += ["--host", args.host]
+    if args.port is not None:
+        argv += ["--port", str(args.port)]
+    if args.no_uvloop:
+        argv.append("--no-uvloop")
+    children = [subprocess.Popen(argv) for _ in range(workers)]  # noqa: S603  (our own CLI)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import build_state, create_app, swap_jwt  # noqa: PLC0415
 
     try:
         config = load_config(args.config)
+        if config.server.workers > 1 and not args.worker:
+            # Each worker builds its own state (connections, Redis clients) after it starts.
+            return _supervise(args, config.server.workers)
         health, limiter = build_state(config)
         runtime = build_runtime(config, health=health)
     except ConfigError as exc:
@@ -84,6 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=None,
         handler_cancellation=True,
         backlog=runtime.server.backlog,
+        reuse_port=args.worker,
         shutdown_timeout=runtime.server.drain_timeout_s,
         print=None,
     )
@@ -156,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--no-uvloop", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file and exit")

@@ -231,3 +231,43 @@ async def test_sighup_swaps_the_jwt_settings(served: Served) -> None:
         await asyncio.sleep(0.05)
     assert await status(token(secret_b)) == 200
     assert await status(token(secret_a)) == 401
+
+
+async def test_workers_share_the_port_and_drain_together(fake: Fake, tmp_path: Path) -> None:
+    port = _free_port()
+    config = base_config(fake.url)
+    config["server"].update(port=port, workers=2, drain_timeout_s=5)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = (tmp_path / "workers.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+    )
+    url = f"http://127.0.0.1:{port}/healthz"
+    pids: set[int] = set()
+    try:
+        for _ in range(300):
+            # A new connection each time: the kernel spreads them over the listening workers.
+            async with aiohttp.ClientSession() as session:
+                try:
+                    async with session.get(url) as resp:
+                        pids.add((await resp.json())["pid"])
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, (tmp_path / "workers.log").read_text()
+        assert proc.pid not in pids  # the supervisor serves nothing itself
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()

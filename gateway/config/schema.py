@@ -57,6 +57,8 @@ class _Strict(BaseModel):
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
+    # >1: that many processes share the port (SO_REUSEPORT), one event loop per core.
+    workers: int = Field(1, ge=1, le=256)
     # Listen backlog: aiohttp's default of 128 drops connections when hundreds of clients
     # connect at once (each drop costs the client a 1 s SYN retransmit).
     backlog: int = Field(1024, ge=16, le=65535)
