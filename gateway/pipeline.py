@@ -98,7 +98,6 @@ class Outcome:
     outcome: str = "ok"
     stream: bool = False
     upstream_status: int | None = None
-    ttfb_ms: float | None = None
     bytes_out: int = 0
     attempts: int = 0
     retry_reasons: list[str] = field(default_factory=list)
@@ -702,7 +701,6 @@ class Handler:
                     upstream,
                     outcome,
                     first_byte_deadline,
-                    deadline,
                     route,
                     deployment,
                     runtime,
@@ -782,7 +780,6 @@ class Handler:
         upstream: aiohttp.ClientResponse,
         outcome: Outcome,
         first_byte_deadline: float,
-        deadline: float,
         route: Route,
         deployment: Deployment,
         runtime: Runtime,
@@ -858,7 +855,6 @@ class Handler:
             # Not worth retrying (the request itself is bad): the client gets the upstream's
             # own error stream.
 
-        outcome.ttfb_ms = (loop.time() - outcome.started) * 1000
         headers = _pass_headers(upstream)
         headers["Content-Type"] = upstream.headers.get("content-type", "text/event-stream")
         headers["Cache-Control"] = "no-cache"
@@ -1237,8 +1233,8 @@ def access_log(o: Outcome, now: float) -> None:
     if o.usage is not None:
         fields["input_tokens"] = o.usage.input_tokens
         fields["output_tokens"] = o.usage.output_tokens
-    if o.ttfb_ms is not None:
-        fields["ttfb_ms"] = round(o.ttfb_ms, 3)
+    if o.timings.first_upstream_byte is not None:
+        fields["ttfb_ms"] = round((o.timings.first_upstream_byte - o.started) * 1000, 3)
     facts = o.facts
     if facts is not None:
         fields["events"] = facts.events

@@ -174,11 +174,14 @@ async def relay_stream(
     out = 0
     end = StreamEnd.OK
     resumed = False  # back from a keep-alive: the upstream's silence goes on
+    # One clock read per chunk serves as the write's end, the events' time and the start of
+    # the next wait.
+    now = loop.time()
     try:
         while True:
             try:
                 if not resumed:
-                    watchdog.waiting_since = loop.time()
+                    watchdog.waiting_since = now
                 resumed = False
                 chunk = await content.readany()
                 watchdog.waiting_since = None
@@ -199,7 +202,8 @@ async def relay_stream(
                             out += len(visible)
                 except ConnectionResetError:
                     return RelayResult(StreamEnd.CLIENT_CANCEL, out, aborted=False)
-                watchdog.last_write = loop.time()
+                now = loop.time()
+                watchdog.last_write = now
                 if observing:
                     try:
                         events = feed(chunk)
@@ -208,7 +212,6 @@ async def relay_stream(
                         observing = False
                     else:
                         if events:
-                            now = loop.time()
                             for event in events:
                                 on_event(event, now)
                             facts.last_event_at = now

@@ -227,3 +227,22 @@ def sensitive_strings(extra: tuple[str, ...] = ()) -> frozenset[str]:
     for path in Path(__file__).parent.rglob("*.py"):
         found.update(literal.findall(path.read_text(encoding="utf-8")))
     return frozenset(found)
+
+
+def one_bad_key(fake_url: str) -> dict[str, Any]:
+    """Config for model `one-bad-key`: provider `revoked-one` whose first key the fake rejects
+    (key id `bad`) and whose second it accepts (`good`)."""
+    return {
+        "providers": {
+            "revoked-one": {
+                "api": "openai",
+                "base_url": f"{fake_url}/v1",
+                "keys": [
+                    {"id": "bad", "secret": REVOKED_KEYS[0]},
+                    {"id": "good", "secret": UPSTREAM_KEYS[0]},
+                ],
+                "forward_headers": ["x-fake-*"],
+            }
+        },
+        "models": {"one-bad-key": [{"provider": "revoked-one", "model": "fake-gpt"}]},
+    }

@@ -53,6 +53,7 @@ from tests.support import (
     base_config,
     deep_merge,
     free_port,
+    one_bad_key,
     sensitive_strings,
     sha,
 )
@@ -81,18 +82,7 @@ def hygiene_extra(fake_url: str) -> dict[str, Any]:
             },
         },
         "tiers": {"one": {"requests_per_minute": 1}},
-        "providers": {
-            "revoked-one": {
-                "api": "openai",
-                "base_url": f"{fake_url}/v1",
-                "keys": [
-                    {"id": "bad", "secret": REVOKED_KEYS[0]},
-                    {"id": "good", "secret": UPSTREAM_KEYS[0]},
-                ],
-                "forward_headers": ["x-fake-*"],
-            }
-        },
-        "models": {"one-bad-key": [{"provider": "revoked-one", "model": "fake-gpt"}]},
+        **one_bad_key(fake_url),
         "policy": {"timeouts": {"chunk_s": 0.3}},
         "telemetry": {"log_format": "json", "log_level": "debug", "access_log": True},
     }

@@ -21,12 +21,11 @@ from tests.support import (
     CALLER_KEY,
     OTHER_CALLER_KEY,
     PROMPT_CANARIES,
-    REVOKED_KEYS,
     UNKNOWN_CALLER_KEY,
-    UPSTREAM_KEYS,
     Fake,
     Gateway,
     GatewayFactory,
+    one_bad_key,
     sha,
 )
 
@@ -50,18 +49,7 @@ def mixed_config(fake_url: str) -> dict[str, Any]:
             ]
         },
         "tiers": {"t": {"requests_per_minute": RPM}},
-        "providers": {
-            "revoked-one": {
-                "api": "openai",
-                "base_url": f"{fake_url}/v1",
-                "keys": [
-                    {"id": "bad", "secret": REVOKED_KEYS[0]},
-                    {"id": "good", "secret": UPSTREAM_KEYS[0]},
-                ],
-                "forward_headers": ["x-fake-*"],
-            }
-        },
-        "models": {"one-bad-key": [{"provider": "revoked-one", "model": "fake-gpt"}]},
+        **one_bad_key(fake_url),
         "policy": {"timeouts": {"chunk_s": 0.3}, "retry": {"max_attempts": 3}},
     }
 

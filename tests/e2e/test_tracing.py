@@ -26,12 +26,12 @@ from gateway.fakeprovider import RequestRecord, estimate_prompt_tokens
 from tests.support import (
     CALLER_KEY,
     PROMPT_CANARIES,
-    REVOKED_KEYS,
     UNKNOWN_CALLER_KEY,
     UPSTREAM_KEYS,
     Fake,
     Gateway,
     GatewayFactory,
+    one_bad_key,
     sensitive_strings,
 )
 
@@ -559,18 +559,7 @@ async def test_key_disabled_event_and_rotation(
 ) -> None:
     gw = await gateway_factory(
         {
-            "providers": {
-                "revoked-one": {
-                    "api": "openai",
-                    "base_url": f"{fake.url}/v1",
-                    "keys": [
-                        {"id": "bad", "secret": REVOKED_KEYS[0]},
-                        {"id": "good", "secret": UPSTREAM_KEYS[0]},
-                    ],
-                    "forward_headers": ["x-fake-*"],
-                }
-            },
-            "models": {"one-bad-key": [{"provider": "revoked-one", "model": "fake-gpt"}]},
+            **one_bad_key(fake.url),
         },
         tracer_provider=tracer_provider,
     )
