@@ -54,6 +54,7 @@ def _supervise(args: argparse.Namespace, workers: int) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import build_state, create_app, swap_jwt  # noqa: PLC0415
+    from gateway.serving import header_field_limit, make_runner, serve  # noqa: PLC0415
 
     try:
         config = load_config(args.config)
@@ -103,17 +104,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _install_uvloop()
     host = args.host or runtime.server.host
     port = args.port if args.port is not None else runtime.server.port
-    log.info("gateway starting", host=host, port=port, models=len(runtime.routes))
-    web.run_app(
+    jwt = runtime.config.auth.jwt
+    runner = make_runner(
         app,
-        host=host,
-        port=port,
-        access_log=None,
-        handler_cancellation=True,
-        backlog=runtime.server.backlog,
-        reuse_port=args.worker,
-        shutdown_timeout=runtime.server.drain_timeout_s,
-        print=None,
+        keepalive_timeout_s=runtime.server.keepalive_timeout_s,
+        # Header lines must fit the largest token the configuration accepts.
+        max_field_size=header_field_limit(jwt.max_token_bytes if jwt else 0),
+        shutdown_timeout_s=runtime.server.drain_timeout_s,
+    )
+    log.info("gateway starting", host=host, port=port, models=len(runtime.routes))
+    asyncio.run(
+        serve(runner, host, port, backlog=runtime.server.backlog, reuse_port=args.worker)
     )
     return 0
 

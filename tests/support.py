@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import hashlib
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from gateway.app import create_app
 from gateway.appkeys import RUNTIME
 from gateway.config import Runtime, build_runtime, load_config_text
 from gateway.fakeprovider import FakeProvider
+from gateway.serving import header_field_limit, make_runner
 from gateway.telemetry import Telemetry
 
 RECORDINGS = Path(__file__).parent / "data" / "recorded-streams"
@@ -121,7 +125,12 @@ async def start_gateway(
     runtime = build_runtime(load_config_text(yaml.safe_dump(config), env={}))
     telemetry = Telemetry(runtime.telemetry, tracer_provider=tracer_provider)
     app = create_app(runtime, telemetry=telemetry)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    jwt = runtime.config.auth.jwt
+    runner = make_runner(
+        app,
+        keepalive_timeout_s=runtime.server.keepalive_timeout_s,
+        max_field_size=header_field_limit(jwt.max_token_bytes if jwt else 0),
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -246,3 +255,80 @@ def one_bad_key(fake_url: str) -> dict[str, Any]:
         },
         "models": {"one-bad-key": [{"provider": "revoked-one", "model": "fake-gpt"}]},
     }
+
+
+# --- A real `gateway serve` process (the regression tests of outside findings run through one).
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Served:
+    """A `gateway serve` child process and where to reach it."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    config: Path
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def rss_bytes(self, field: str = "VmRSS") -> int:
+        """The process's resident set (VmRSS) or its peak so far (VmHWM), in bytes."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"{field} not in /proc/{self.proc.pid}/status")
+
+    def reset_peak_rss(self) -> None:
+        """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs)."""
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+
+
+@contextlib.asynccontextmanager
+async def serve_gateway(
+    config: dict[str, Any], directory: Path, *, env: dict[str, str] | None = None
+) -> AsyncIterator[Served]:
+    """Run `gateway serve` on `config` (its server.port replaced by a free one) until the
+    block ends; waits for /healthz first. Logs go to `directory/gateway.log`."""
+    import aiohttp
+
+    config = copy.deepcopy(config)
+    port = free_port()
+    config.setdefault("server", {})["port"] = port
+    config["server"].setdefault("drain_timeout_s", 5)
+    path = directory / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log_path = directory / "gateway.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.get(url + "/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "gateway serve did not become healthy"
+                await asyncio.sleep(0.05)
+        yield Served(proc, url, path, log_path)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.wait()

@@ -71,6 +71,24 @@ class ServerConfig(_Strict):
     keepalive_comment_s: float = Field(15, ge=0, le=3600)
     # Upstream connection pool size: the peak number of concurrent upstream calls.
     max_upstream_connections: int = Field(1024, ge=1, le=100_000)
+    # A request's whole body must arrive within this (408 after it, connection closed).
+    body_timeout_s: float = Field(30, gt=0, le=3600)
+    # An idle keep-alive connection is closed after this, and a request's headers must
+    # arrive within it (from the connection's start or the previous response).
+    keepalive_timeout_s: float = Field(75, gt=0, le=3600)
+    # Bounds on what one body costs to parse: JSON objects + arrays, and nesting depth.
+    # (Scalars are bounded relative to the body's size; see README "Request bodies".)
+    max_json_containers: int = Field(100_000, ge=16, le=10_000_000)
+    max_json_depth: int = Field(128, ge=8, le=200)
+    # Request-body bytes held by all requests being read at once; past it, readers wait
+    # (within body_timeout_s) for others to finish.
+    max_body_bytes_in_flight: int = Field(512 * 1024 * 1024, ge=1024 * 1024, le=64 * 1024**3)
+
+    @model_validator(mode="after")
+    def _budget_fits_one_body(self) -> ServerConfig:
+        if self.max_body_bytes_in_flight < self.max_request_bytes:
+            raise ValueError("max_body_bytes_in_flight must be >= max_request_bytes")
+        return self
 
 
 class ApiKeyConfig(_Strict):
@@ -108,6 +126,8 @@ class JwtConfig(_Strict):
     # An unknown kid triggers a JWKS refresh at most this often (forged tokens cannot hammer it).
     jwks_min_refresh_s: float = Field(30, ge=1, le=3600)
     jwks_timeout_s: float = Field(5, gt=0, le=60)
+    # Tokens whose lifetime (exp - iat) is longer are refused, whatever their signature.
+    max_lifetime_s: float = Field(86400, gt=0, le=366 * 86400)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> JwtConfig:
@@ -334,6 +354,8 @@ class TierConfig(_Strict):
     requests_per_minute: int | None = Field(None, ge=1, le=10_000_000)
     tokens_per_minute: int | None = Field(None, ge=1, le=10_000_000_000)
     concurrent_streams: int | None = Field(None, ge=1, le=1_000_000)
+    # Every in-flight request of the caller, streamed or not (a stream takes one of each).
+    concurrent_requests: int | None = Field(None, ge=1, le=1_000_000)
     models: tuple[str, ...] | None = None  # None = every model
 
 
