@@ -113,9 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout_s=runtime.server.drain_timeout_s,
     )
     log.info("gateway starting", host=host, port=port, models=len(runtime.routes))
-    asyncio.run(
-        serve(runner, host, port, backlog=runtime.server.backlog, reuse_port=args.worker)
-    )
+    asyncio.run(serve(runner, host, port, backlog=runtime.server.backlog, reuse_port=args.worker))
     return 0
 
 
