@@ -1,9 +1,10 @@
 """`gateway bench-limiter`: what a limit check adds to a request, memory vs Redis.
 
-Times the admission a limited request goes through (rpm + tpm + a concurrent-stream lease in
-one decision, then the lease's release and a token reconciliation), sequentially and with
-concurrent callers, against the in-memory limiter and a real redis-server on loopback (started
-here on a free port unless --redis-url is given). Prints p50/p99 per request.
+Times the admission a limited streamed request goes through (rpm + tpm + a concurrent-stream
+slot + a concurrent-request slot in one decision, then the release of both slots and a token
+reconciliation), sequentially and with concurrent callers, against the in-memory limiter and a
+real redis-server on loopback (started here on a free port unless --redis-url is given).
+Prints p50/p99 per request.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from gateway.limits.base import Limiter, LimitSpec
 from gateway.limits.memory import MemoryLimiter
 
 _SPEC = LimitSpec(
-    "bench", requests_per_minute=10**7, tokens_per_minute=10**9, concurrent_streams=10**6
+    "bench",
+    requests_per_minute=10**7,
+    tokens_per_minute=10**9,
+    concurrent_streams=10**6,
+    concurrent_requests=10**6,
 )
 
 
@@ -131,8 +136,8 @@ async def _bench(args: argparse.Namespace) -> int:
         f"{args.requests} requests per row"
     )
     print(
-        "- admit = one decision (rpm + tpm + stream lease); request = admit + lease release + "
-        "token reconciliation (what a limited request adds in all). Times in ms."
+        "- admit = one decision (rpm + tpm + stream and request slots); request = admit + "
+        "slots release + token reconciliation (what a limited stream adds in all). Times in ms."
     )
     print()
     print(

@@ -10,10 +10,12 @@ being hidden by the local fallback. Timings against a real clock allow small sla
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import fakeredis
 import pytest
@@ -46,6 +48,8 @@ class Backend:
     limiter: MemoryLimiter | RedisLimiter
     client: aioredis.Redis | None = None  # raw access to the Redis the limiter uses
     clock: FakeClock | None = None
+    fake_server: fakeredis.FakeServer | None = None  # the store behind a fakeredis backend
+    server: RedisServer | None = None  # the process behind a real Redis backend
 
     async def admit(self, subject: str, spec: LimitSpec, tokens: int = 0) -> Decision:
         return await self.limiter.admit(subject, spec, tokens, LEASE_TTL)
@@ -56,6 +60,22 @@ class Backend:
             self.clock.now += seconds
         else:
             await asyncio.sleep(seconds)
+
+    def peer(self, **options: Any) -> RedisLimiter:
+        """Another instance's limiter on the same Redis (a Redis backend only)."""
+        if self.fake_server is not None:
+            client = fakeredis.aioredis.FakeRedis(server=self.fake_server)
+            return RedisLimiter("redis://unused", client=client, prefix="t", **options)
+        assert self.server is not None, "a Redis backend only"
+        return RedisLimiter(self.server.url, prefix="t", **options)
+
+    def outage(self) -> None:
+        """Redis goes away (a Redis backend only)."""
+        if self.fake_server is not None:
+            self.fake_server.connected = False
+        else:
+            assert self.server is not None, "a Redis backend only"
+            self.server.stop()
 
 
 class Elapsed:
@@ -87,14 +107,15 @@ async def make_backend(request: pytest.FixtureRequest, kind: str) -> Backend:
     if kind == "fakeredis":
         if not HAS_LUPA:
             pytest.skip(NO_LUPA)
-        client = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
+        fake_server = fakeredis.FakeServer()
+        client = fakeredis.aioredis.FakeRedis(server=fake_server)
         limiter = RedisLimiter("redis://unused", client=client, fail_open=False, prefix="t")
-        return Backend(kind, limiter, client=client)
+        return Backend(kind, limiter, client=client, fake_server=fake_server)
     server: RedisServer = request.getfixturevalue("redis_server")
     # A generous timeout: 100 concurrent first connections must not time out (and with
     # fail_closed a timeout would raise rather than fall back silently).
     limiter = RedisLimiter(server.url, socket_timeout_s=2.0, fail_open=False, prefix="t")
-    return Backend(kind, limiter, client=aioredis.Redis.from_url(server.url))
+    return Backend(kind, limiter, client=aioredis.Redis.from_url(server.url), server=server)
 
 
 async def close_backend(backend: Backend) -> None:
@@ -409,6 +430,287 @@ async def test_concurrent_admits_are_atomic(backend: Backend) -> None:
     assert (await backend.admit("bob", spec, 1)).denied_by == "tpm"
 
 
+# --- the contract: concurrent requests (every backend) ---------------------------------------
+
+
+def plain(spec: LimitSpec) -> LimitSpec:
+    """The spec admission passes for a non-stream request: it takes no stream slot."""
+    return dataclasses.replace(spec, concurrent_streams=None)
+
+
+def slots_left(decision: Decision) -> tuple[int | None, int | None]:
+    """(streams, requests) left as the decision reports them (None = not reported)."""
+    streams, requests = usage_of(decision, "concurrency"), usage_of(decision, "requests")
+    return (
+        None if streams is None else streams.remaining,
+        None if requests is None else requests.remaining,
+    )
+
+
+async def test_concurrent_request_slots(backend: Backend) -> None:
+    spec = LimitSpec("t", concurrent_requests=3)
+    leases: list[Lease] = []
+    for k in range(3):
+        decision = await backend.admit("alice", spec)
+        assert decision.allowed
+        assert decision.lease is not None
+        assert decision.lease.subject == "alice"
+        assert (decision.lease.stream_slot, decision.lease.request_slot) == (False, True)
+        assert decision.usage == (Usage("requests", 3, 2 - k, 0),)
+        leases.append(decision.lease)
+    assert len({lease.lease_id for lease in leases}) == 3
+    fourth = await backend.admit("alice", spec)
+    assert (fourth.allowed, fourth.denied_by, fourth.lease) == (False, "requests", None)
+    assert fourth.retry_after_s == 1.0
+    assert fourth.usage == (Usage("requests", 3, 0, 0),)
+
+    await backend.limiter.release(leases[0])
+    await backend.limiter.release(leases[0])  # a double release is harmless...
+    again = await backend.admit("alice", spec)
+    assert again.allowed
+    assert again.lease is not None
+    assert slots_left(again) == (None, 0)
+    # ...and frees nothing more.
+    assert (await backend.admit("alice", spec)).denied_by == "requests"
+
+    for lease in [*leases[1:], again.lease]:
+        await backend.limiter.release(lease)
+    for k in range(3):
+        assert slots_left(await backend.admit("alice", spec)) == (None, 2 - k)
+    # Another subject has slots of its own.
+    assert (await backend.admit("bob", spec)).allowed
+
+
+async def test_a_stream_takes_a_slot_of_each(backend: Backend) -> None:
+    spec = LimitSpec("t", concurrent_streams=2, concurrent_requests=3)
+    s1 = await backend.admit("alice", spec)
+    assert s1.lease is not None
+    assert (s1.lease.stream_slot, s1.lease.request_slot) == (True, True)
+    assert [u.name for u in s1.usage] == ["concurrency", "requests"]
+    assert s1.usage == (Usage("concurrency", 2, 1, 0), Usage("requests", 3, 2, 0))
+    p1 = await backend.admit("alice", plain(spec))
+    assert p1.lease is not None
+    assert (p1.lease.stream_slot, p1.lease.request_slot) == (False, True)
+    assert slots_left(p1) == (None, 1)
+    s2 = await backend.admit("alice", spec)
+    assert s2.lease is not None
+    assert slots_left(s2) == (0, 0)
+    # Both full: a stream is denied by the stream limit (checked first), a plain request by
+    # the request limit.
+    stream = await backend.admit("alice", spec)
+    assert (stream.allowed, stream.denied_by, stream.retry_after_s) == (False, "concurrency", 1.0)
+    assert stream.usage == (Usage("concurrency", 2, 0, 0),)
+    other = await backend.admit("alice", plain(spec))
+    assert (other.allowed, other.denied_by, other.retry_after_s) == (False, "requests", 1.0)
+
+    # Releasing a stream frees both of its slots, once.
+    await backend.limiter.release(s1.lease)
+    await backend.limiter.release(s1.lease)
+    s3 = await backend.admit("alice", spec)
+    assert s3.lease is not None
+    assert slots_left(s3) == (0, 0)
+    # Releasing a plain request frees only its request slot.
+    await backend.limiter.release(p1.lease)
+    assert (await backend.admit("alice", spec)).denied_by == "concurrency"
+    p2 = await backend.admit("alice", plain(spec))
+    assert p2.lease is not None
+    assert slots_left(p2) == (None, 0)
+
+    for lease in (s2.lease, s3.lease, p2.lease):
+        await backend.limiter.release(lease)
+    assert slots_left(await backend.admit("alice", spec)) == (1, 2)
+
+
+async def test_a_slot_denial_charges_nothing_else(backend: Backend) -> None:
+    # 6 requests, 60 tokens (one back a second), 1 stream, 3 requests in flight.
+    spec = LimitSpec(
+        "t",
+        requests_per_minute=6,
+        tokens_per_minute=60,
+        concurrent_streams=1,
+        concurrent_requests=3,
+    )
+    elapsed = Elapsed()
+    held = await backend.admit("alice", spec, 10)
+    assert held.lease is not None
+    assert [u.name for u in held.usage] == ["rpm", "tpm", "concurrency", "requests"]
+    # A stream denied by the stream limit takes no request slot (nor requests or tokens)...
+    for _ in range(3):
+        denied = await backend.admit("alice", spec, 10)
+        assert denied.denied_by == "concurrency"
+        assert [u.name for u in denied.usage] == ["rpm", "tpm", "concurrency"]
+        rpm = usage_of(denied, "rpm")
+        assert rpm is not None
+        assert rpm.remaining == 5
+    p1 = await backend.admit("alice", plain(spec), 10)
+    p2 = await backend.admit("alice", plain(spec), 10)
+    assert slots_left(p2) == (None, 0)
+    assert p1.lease is not None
+    assert p2.lease is not None
+    await backend.limiter.release(held.lease)
+    p3 = await backend.admit("alice", plain(spec), 10)
+    assert p3.lease is not None
+    # ...and one denied by the request limit takes no stream slot (nor requests or tokens).
+    for _ in range(3):
+        denied = await backend.admit("alice", spec, 10)
+        assert denied.denied_by == "requests"
+        assert denied.retry_after_s == 1.0
+        # What is left without it: the stream slot is still free.
+        assert [u.name for u in denied.usage] == ["rpm", "tpm", "concurrency", "requests"]
+        assert slots_left(denied) == (1, 0)
+    await backend.limiter.release(p1.lease)
+    stream = await backend.admit("alice", spec, 10)
+    assert stream.lease is not None
+    assert slots_left(stream) == (0, 0)
+    rpm, tpm = usage_of(stream, "rpm"), usage_of(stream, "tpm")
+    assert rpm is not None
+    assert tpm is not None
+    assert rpm.remaining == 1
+    assert 10 <= tpm.remaining <= 10 + int(elapsed())
+    for lease in (p2.lease, p3.lease, stream.lease):
+        await backend.limiter.release(lease)
+    assert (await backend.admit("alice", plain(spec), 10)).allowed  # the 6th request
+    assert (await backend.admit("alice", plain(spec), 0)).denied_by == "rpm"
+
+
+async def test_concurrent_admits_take_at_most_the_request_slots(backend: Backend) -> None:
+    spec = LimitSpec("t", tokens_per_minute=100, concurrent_streams=8, concurrent_requests=5)
+    decisions = await asyncio.gather(
+        *(backend.admit("bob", spec if k % 2 else plain(spec), 10) for k in range(30))
+    )
+    leases = [d.lease for d in decisions if d.lease is not None]
+    assert len(leases) == 5
+    assert sum(d.allowed for d in decisions) == 5
+    assert {d.denied_by for d in decisions if not d.allowed} == {"requests"}
+    await asyncio.gather(*(backend.limiter.release(lease) for lease in leases))
+    # The denials charged no tokens: 50 spent, 50 left; every slot is free again.
+    last = await backend.admit("bob", spec, 50)
+    assert slots_left(last) == (7, 4)
+    assert (await backend.admit("bob", spec, 1)).denied_by == "tpm"
+
+
+async def test_slots_expire_unless_renewed(backend: Backend) -> None:
+    """Memory (one process, nothing to renew): a slot lasts the `lease_ttl_s` admission
+    passes. Redis: a slot lasts the slot TTL past its last renewal; a live instance renews
+    the slots it holds, so only a crashed instance's slots expire."""
+    spec = LimitSpec("t", concurrent_streams=2, concurrent_requests=4)
+    if backend.kind == "memory":
+        assert isinstance(backend.limiter, MemoryLimiter)
+        stream = await backend.admit("alice", spec)
+        request = await backend.admit("alice", plain(spec))
+        await backend.admit("alice", plain(spec))
+        assert stream.lease is not None
+        assert request.lease is not None
+        await backend.wait(LEASE_TTL - 0.001)
+        assert (await backend.admit("alice", plain(spec))).allowed  # the 4th slot
+        assert (await backend.admit("alice", plain(spec))).denied_by == "requests"
+        await backend.wait(0.002)  # the first three are past their TTL
+        assert backend.limiter.open_leases("alice", "requests") == 1
+        assert backend.limiter.open_leases("alice", "streams") == 0
+        assert slots_left(await backend.admit("alice", spec)) == (1, 2)
+        return
+
+    ttl = 1.2  # renewed every 0.4 s
+    alive = backend.peer(slot_ttl_s=ttl, fail_open=False, socket_timeout_s=2.0)
+    crashed = backend.peer(slot_ttl_s=ttl, fail_open=False, socket_timeout_s=2.0)
+    client = backend.client
+    assert client is not None
+    try:
+        kept = [
+            await alive.admit("alice", spec, 0, LEASE_TTL),
+            await alive.admit("alice", plain(spec), 0, LEASE_TTL),
+        ]
+        lost = [
+            await crashed.admit("alice", spec, 0, LEASE_TTL),
+            await crashed.admit("alice", plain(spec), 0, LEASE_TTL),
+        ]
+        assert all(d.lease is not None for d in kept + lost)
+    finally:
+        await crashed.close()  # a crash: its slots are neither released nor renewed any more
+    try:
+        assert (await alive.admit("alice", spec, 0, LEASE_TTL)).denied_by == "concurrency"
+        assert (await alive.admit("alice", plain(spec), 0, LEASE_TTL)).denied_by == "requests"
+        await asyncio.sleep(ttl + 0.3)
+        # The crashed instance's slots expired (both of its stream's); the renewed ones did not.
+        stream = await alive.admit("alice", spec, 0, LEASE_TTL)
+        assert slots_left(stream) == (0, 1)
+        request = await alive.admit("alice", plain(spec), 0, LEASE_TTL)
+        assert slots_left(request) == (None, 0)
+        assert (await alive.admit("alice", plain(spec), 0, LEASE_TTL)).denied_by == "requests"
+        ids = [d.lease.lease_id for d in (*kept, stream, request) if d.lease is not None]
+        assert {m.decode() for m in await client.zrange("t:{alice}:conc", 0, -1)} == {
+            ids[0],
+            ids[2],
+        }
+        assert {m.decode() for m in await client.zrange("t:{alice}:reqs", 0, -1)} == set(ids)
+        for d in (*kept, stream, request):
+            assert d.lease is not None
+            await alive.release(d.lease)
+        assert await client.zcard("t:{alice}:conc") == 0
+        assert await client.zcard("t:{alice}:reqs") == 0
+    finally:
+        await alive.close()
+
+
+def test_scaled_shares_every_limit() -> None:
+    """The fail_open fallback's spec: each instance's share of every limit, at least 1."""
+    spec = LimitSpec("t", 10, 100, concurrent_streams=4, concurrent_requests=6)
+    assert spec.scaled(1) is spec
+    assert spec.scaled(2) == LimitSpec("t", 5, 50, concurrent_streams=2, concurrent_requests=3)
+    assert spec.scaled(10) == LimitSpec("t", 1, 10, concurrent_streams=1, concurrent_requests=1)
+    assert LimitSpec("t", concurrent_requests=5).scaled(2) == LimitSpec("t", concurrent_requests=2)
+    assert not LimitSpec("t", concurrent_requests=1).empty
+    assert LimitSpec("t").empty
+
+
+async def test_the_fallback_holds_a_share_of_each_slot_limit(backend: Backend) -> None:
+    """What fail_open decides without Redis, and with memory the same spec decided directly:
+    with 2 instances, streams 4 / 2 = 2 and requests 6 / 2 = 3."""
+    spec = LimitSpec("t", requests_per_minute=100, concurrent_streams=4, concurrent_requests=6)
+    limiter: MemoryLimiter | RedisLimiter
+    before: Decision | None = None
+    if backend.kind == "memory":
+        limiter, share, degraded = backend.limiter, spec.scaled(2), False
+    else:
+        limiter = backend.peer(fail_open=True, instances=2, retry_redis_after_s=60)
+        share, degraded = spec, True
+        before = await limiter.admit("alice", spec, 0, LEASE_TTL)
+        assert (before.allowed, before.degraded) == (True, False)
+        backend.outage()
+    try:
+        decisions = []
+        for s in (share, share, share, plain(share), plain(share)):
+            decisions.append(await limiter.admit("alice", s, 0, LEASE_TTL))
+        assert all(d.degraded == degraded for d in decisions)
+        assert [d.denied_by for d in decisions] == [None, None, "concurrency", None, "requests"]
+        assert [slots_left(d) for d in decisions] == [
+            (1, 2),
+            (0, 1),
+            (0, None),
+            (None, 0),
+            (None, 0),
+        ]
+        assert decisions[4].usage[-1] == Usage("requests", 3, 0, 0)
+        assert decisions[4].retry_after_s == 1.0
+        leases = [d.lease for d in decisions if d.lease is not None]
+        assert len(leases) == 3
+        assert {lease.backend for lease in leases} == {"fallback" if degraded else "memory"}
+        # Releasing a stream frees both of its slots in the fallback too.
+        await limiter.release(leases[0])
+        again = await limiter.admit("alice", share, 0, LEASE_TTL)
+        assert slots_left(again) == (0, 0)
+        assert again.lease is not None
+        for lease in [*leases[1:], again.lease]:
+            await limiter.release(lease)
+        assert slots_left(await limiter.admit("alice", share, 0, LEASE_TTL)) == (1, 2)
+        if before is not None:
+            assert before.lease is not None
+            await limiter.release(before.lease)  # a Redis lease during the outage: no raise
+    finally:
+        if limiter is not backend.limiter:
+            await limiter.close()
+
+
 # --- Redis only: fakeredis and a real redis-server -------------------------------------------
 
 
@@ -516,6 +818,60 @@ async def test_an_expired_lease_is_purged_on_the_next_admit(redis_backend: Backe
     assert decision.lease is not None
     members = await client.zrange("t:{alice}:conc", 0, -1)
     assert [m.decode() for m in members] == [decision.lease.lease_id]
+
+
+async def test_request_slots_live_in_their_own_hash_tagged_set(redis_backend: Backend) -> None:
+    client = redis_backend.client
+    assert client is not None
+    spec = LimitSpec("t", concurrent_streams=2, concurrent_requests=3)
+    stream = await redis_backend.admit("tenant-7:app", spec)
+    assert stream.lease is not None
+    keys = sorted(k.decode() for k in await client.keys("*"))
+    assert keys == ["t:{tenant-7:app}:conc", "t:{tenant-7:app}:reqs"]
+    assert {key_slot(k.encode()) for k in keys} == {key_slot(b"tenant-7:app")}
+    now = await server_ms(client)
+    for key in keys:
+        # One lease id in both sets, scored by its expiry on the Redis clock; the set itself
+        # expires after two TTLs.
+        members = await client.zrange(key, 0, -1, withscores=True)
+        assert [m.decode() for m, _ in members] == [stream.lease.lease_id]
+        assert members[0][1] == pytest.approx(now + LEASE_TTL_S * 1000, abs=2000)
+        assert LEASE_TTL_S * 1000 < await client.pttl(key) <= LEASE_TTL_S * 2000
+    request = await redis_backend.admit("tenant-7:app", plain(spec))
+    assert request.lease is not None
+    assert await client.zcard("t:{tenant-7:app}:conc") == 1
+    assert await client.zcard("t:{tenant-7:app}:reqs") == 2
+    # A plain request alone creates no stream set.
+    assert (await redis_backend.admit("bob", plain(spec))).allowed
+    assert await client.exists("t:{bob}:conc") == 0
+    # Release runs a script too, reloaded after a flush like the others.
+    await client.script_flush()
+    await redis_backend.limiter.release(stream.lease)
+    assert await client.zcard("t:{tenant-7:app}:conc") == 0
+    assert await client.zcard("t:{tenant-7:app}:reqs") == 1
+    await redis_backend.limiter.release(request.lease)
+    assert await client.zcard("t:{tenant-7:app}:reqs") == 0
+    limiter = redis_backend.limiter
+    assert isinstance(limiter, RedisLimiter)
+    assert (limiter.redis_errors, limiter.degraded_decisions) == (0, 0)
+
+
+async def test_renewal_survives_a_script_flush(redis_backend: Backend) -> None:
+    client = redis_backend.client
+    assert client is not None
+    limiter = redis_backend.peer(slot_ttl_s=0.6, fail_open=False, socket_timeout_s=2.0)
+    spec = LimitSpec("t", concurrent_streams=1, concurrent_requests=1)
+    try:
+        held = await limiter.admit("alice", spec, 0, LEASE_TTL)
+        assert held.lease is not None
+        await client.script_flush()
+        await asyncio.sleep(0.9)  # past the TTL: renewed (after a NOSCRIPT reload) meanwhile
+        assert (await limiter.admit("alice", spec, 0, LEASE_TTL)).denied_by == "concurrency"
+        assert await client.zcard("t:{alice}:reqs") == 1
+        assert limiter.redis_errors == 0
+        await limiter.release(held.lease)
+    finally:
+        await limiter.close()
 
 
 # --- Redis only: an unresponsive Redis (a socket that never answers) -------------------------

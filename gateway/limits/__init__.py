@@ -1,4 +1,5 @@
-"""Per-caller limits: requests and tokens per minute (GCRA) and concurrent streams (leases).
+"""Per-caller limits: requests and tokens per minute (GCRA), concurrent streams and concurrent
+requests (slots held under one lease).
 
 `Limiter` is the seam; `memory.MemoryLimiter` (one process) and `redis.RedisLimiter` (shared by
 every instance) implement it and pass one contract test suite. The GCRA maths is pure

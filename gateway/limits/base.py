@@ -14,12 +14,17 @@ class LimiterUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class LimitSpec:
-    """A tier's limits (None = unlimited)."""
+    """A tier's limits (None = unlimited).
+
+    `concurrent_streams` counts the subject's open streams; `concurrent_requests` counts every
+    in-flight request of the subject, streamed or not (a stream takes a slot of each).
+    """
 
     tier: str
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     concurrent_streams: int | None = None
+    concurrent_requests: int | None = None
 
     @property
     def empty(self) -> bool:
@@ -27,6 +32,7 @@ class LimitSpec:
             self.requests_per_minute is None
             and self.tokens_per_minute is None
             and self.concurrent_streams is None
+            and self.concurrent_requests is None
         )
 
     def scaled(self, divisor: int) -> LimitSpec:
@@ -42,23 +48,27 @@ class LimitSpec:
             share(self.requests_per_minute),
             share(self.tokens_per_minute),
             share(self.concurrent_streams),
+            share(self.concurrent_requests),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """A concurrent-stream slot; released in `finally` (and expiring on its own)."""
+    """The concurrency slots one admitted request holds (a stream slot, a request slot or
+    both), under one id; released together in `finally` (and expiring on their own)."""
 
     subject: str
     lease_id: str
     backend: str  # which limiter holds it ("memory", "redis", "fallback")
+    stream_slot: bool = False  # holds one of `concurrent_streams`
+    request_slot: bool = False  # holds one of `concurrent_requests`
 
 
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Figures for the RateLimit headers of one limit."""
 
-    name: str  # "rpm" | "tpm" | "concurrency"
+    name: str  # "rpm" | "tpm" | "concurrency" (streams) | "requests" (in-flight requests)
     limit: int
     remaining: int
     reset_s: float
@@ -67,7 +77,7 @@ class Usage:
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
-    denied_by: str | None = None  # "rpm" | "tpm" | "concurrency" when denied
+    denied_by: str | None = None  # "rpm" | "tpm" | "concurrency" | "requests" when denied
     retry_after_s: float = 0.0
     usage: tuple[Usage, ...] = ()
     lease: Lease | None = None
@@ -81,13 +91,18 @@ class Limiter(Protocol):
     async def admit(
         self, subject: str, spec: LimitSpec, tokens: int, lease_ttl_s: float
     ) -> Decision:
-        """Check every limit of `spec` at once; charge them only if all allow. On success with
-        a concurrency limit, `decision.lease` must be released. Raises LimiterUnavailable."""
+        """Check every limit of `spec` at once (rpm, tpm, concurrent streams, concurrent
+        requests, in that order; the first that denies is `denied_by`) and charge them only if
+        all allow. On success with either concurrency limit, `decision.lease` holds a slot of
+        each one set and must be released. A non-stream request is admitted with
+        `concurrent_streams=None`. Unreleased slots expire on their own after `lease_ttl_s`
+        (the Redis backend uses its own slot TTL instead, renewed while this instance lives;
+        its local fallback uses `lease_ttl_s`). Raises LimiterUnavailable."""
 
     async def reconcile(self, subject: str, spec: LimitSpec, delta_tokens: int) -> None:
         """Charge (or refund, if negative) tokens once the real usage is known."""
 
     async def release(self, lease: Lease) -> None:
-        """Free a concurrent-stream slot (idempotent)."""
+        """Free every slot `lease` holds (idempotent)."""
 
     async def close(self) -> None: ...

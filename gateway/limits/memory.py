@@ -1,4 +1,4 @@
-"""The one-process limiter: GCRA state and stream leases in dicts, with an injected clock."""
+"""The one-process limiter: GCRA state and concurrency slots in dicts, with an injected clock."""
 
 from __future__ import annotations
 
@@ -50,23 +50,33 @@ class MemoryLimiter:
             before.append(Usage(name, limit, probe.remaining, probe.reset_after))
             usage.append(Usage(name, limit, result.remaining, result.reset_after))
             checks.append((key, result.tat))
+        # Both concurrency limits are checked before either slot is taken.
+        taken: list[dict[str, float]] = []
+        for name, limit, kind in (
+            ("concurrency", spec.concurrent_streams, "streams"),
+            ("requests", spec.concurrent_requests, "requests"),
+        ):
+            if limit is None:
+                continue
+            held = self._held(subject, kind, now)
+            if len(held) >= limit:
+                # No way to know when a request ends: suggest a short wait.
+                denied = Usage(name, limit, 0, 0)
+                return Decision(False, name, 1.0, (*before, denied))
+            before.append(Usage(name, limit, limit - len(held), 0))
+            usage.append(Usage(name, limit, limit - len(held) - 1, 0))
+            taken.append(held)
         lease = None
-        if spec.concurrent_streams is not None:
-            held = self._leases.setdefault(subject, {})
-            for lease_id, expires in list(held.items()):
-                if expires <= now:
-                    del held[lease_id]
-            if len(held) >= spec.concurrent_streams:
-                # No way to know when a stream ends: suggest a short wait.
-                denied = Usage("concurrency", spec.concurrent_streams, 0, 0)
-                return Decision(False, "concurrency", 1.0, (*before, denied))
+        if taken:
             lease_id = uuid.uuid4().hex
-            held[lease_id] = now + lease_ttl_s
-            lease = Lease(subject, lease_id, self.name)
-            usage.append(
-                Usage(
-                    "concurrency", spec.concurrent_streams, spec.concurrent_streams - len(held), 0
-                )
+            for held in taken:
+                held[lease_id] = now + lease_ttl_s
+            lease = Lease(
+                subject,
+                lease_id,
+                self.name,
+                stream_slot=spec.concurrent_streams is not None,
+                request_slot=spec.concurrent_requests is not None,
             )
         for key, tat in checks:
             self._tat[key] = tat
@@ -85,15 +95,26 @@ class MemoryLimiter:
         )
 
     async def release(self, lease: Lease) -> None:
-        held = self._leases.get(lease.subject)
-        if held is not None:
-            held.pop(lease.lease_id, None)
-            if not held:
-                del self._leases[lease.subject]
+        for kind, holds in (("streams", lease.stream_slot), ("requests", lease.request_slot)):
+            key = f"{lease.subject}\x00{kind}"
+            held = self._leases.get(key) if holds else None
+            if held is not None:
+                held.pop(lease.lease_id, None)
+                if not held:
+                    del self._leases[key]
 
-    def open_leases(self, subject: str) -> int:
+    def open_leases(self, subject: str, kind: str = "streams") -> int:
+        """Unexpired slots `subject` holds of one kind ("streams" or "requests")."""
         now = self._clock()
-        return sum(1 for t in self._leases.get(subject, {}).values() if t > now)
+        return sum(1 for t in self._leases.get(f"{subject}\x00{kind}", {}).values() if t > now)
+
+    def _held(self, subject: str, kind: str, now: float) -> dict[str, float]:
+        """The slots of one kind `subject` holds (expired ones dropped): lease id -> expiry."""
+        held = self._leases.setdefault(f"{subject}\x00{kind}", {})
+        for lease_id, expires in list(held.items()):
+            if expires <= now:
+                del held[lease_id]
+        return held
 
     async def close(self) -> None:
         return None
@@ -105,5 +126,5 @@ class MemoryLimiter:
             return
         for key in [k for k, tat in self._tat.items() if tat <= now]:
             del self._tat[key]
-        for subject in [s for s, held in self._leases.items() if not held]:
-            del self._leases[subject]
+        for key in [k for k, held in self._leases.items() if not held]:
+            del self._leases[key]

@@ -1,4 +1,4 @@
-"""The shared limiter: GCRA and stream leases in Redis, one atomic Lua script per decision.
+"""The shared limiter: GCRA and concurrency slots in Redis, one atomic Lua script per decision.
 
 - The script reads the clock with `TIME`, so instances with skewed clocks agree.
 - Scripts run with EVALSHA and are reloaded on NOSCRIPT (redis-py's `Script` does this), as
@@ -9,8 +9,10 @@
   with each limit divided by the number of instances (every such decision is counted), and
   `fail_closed` raises LimiterUnavailable. After a failure Redis is skipped for
   `retry_redis_after_s`, then tried again: the gateway recovers by itself.
-- Stream leases live in a sorted set scored by expiry; this instance renews the ones it holds
-  every `LEASE_TTL_S / 3`, so a crashed instance's leases expire within `LEASE_TTL_S`.
+- Concurrency slots live in two sorted sets per caller (`conc`: open streams, `reqs`: every
+  in-flight request), scored by expiry; an admitted request's slots share one lease id. This
+  instance renews the slots it holds every third of the slot TTL (`LEASE_TTL_S` by default),
+  so a crashed instance's slots expire within that TTL.
 """
 
 from __future__ import annotations
@@ -42,15 +44,17 @@ _log = get_logger("gateway.limits")
 
 LEASE_TTL_S = 60.0
 
-# KEYS: rpm, tpm, concurrency.  ARGV: rpm limit, tpm limit, tpm cost, concurrency limit,
-# lease id, lease ttl ms, period ms (0 = no such limit).
-# Returns: allowed, denied_by (1 rpm, 2 tpm, 3 concurrency), retry_after_ms,
-#          rpm remaining, rpm reset ms, tpm remaining, tpm reset ms, concurrency remaining.
+# KEYS: rpm, tpm, concurrent streams, concurrent requests.
+# ARGV: rpm limit, tpm limit, tpm cost, streams limit, lease id, lease ttl ms, period ms,
+#       requests limit (a limit of 0 = no such limit).
+# Returns: allowed, denied_by (1 rpm, 2 tpm, 3 concurrency, 4 requests), retry_after_ms,
+#          rpm remaining, rpm reset ms, tpm remaining, tpm reset ms, streams remaining,
+#          requests remaining (-1 = not reported).
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local period = tonumber(ARGV[7])
-local out = {1, 0, 0, -1, 0, -1, 0, -1}
+local out = {1, 0, 0, -1, 0, -1, 0, -1, -1}
 local function check(key, limit, cost)
   local interval = period / limit
   if cost > limit then cost = limit end
@@ -93,18 +97,27 @@ for i = 1, 2 do
     writes[#writes + 1] = {key, tat}
   end
 end
-local conc = tonumber(ARGV[4])
-if conc > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  local n = redis.call('ZCARD', KEYS[3])
-  if n >= conc then
-    out[8] = 0
-    return deny(3, 1000)
+-- Both concurrency limits are checked before either slot is taken.
+local sets = {{KEYS[3], tonumber(ARGV[4])}, {KEYS[4], tonumber(ARGV[8])}}
+local slots = {}
+for i = 1, 2 do
+  local key, limit = sets[i][1], sets[i][2]
+  if limit > 0 then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    local n = redis.call('ZCARD', key)
+    if n >= limit then
+      out[7 + i] = 0
+      return deny(2 + i, 1000)
+    end
+    out[7 + i] = limit - n  -- what is left without this request (reported on a denial)
+    slots[#slots + 1] = {key, 7 + i}
   end
-  local ttl = tonumber(ARGV[6])
-  redis.call('ZADD', KEYS[3], now + ttl, ARGV[5])
-  redis.call('PEXPIRE', KEYS[3], math.ceil(ttl * 2))
-  out[8] = conc - n - 1
+end
+local ttl = tonumber(ARGV[6])
+for _, s in ipairs(slots) do
+  redis.call('ZADD', s[1], now + ttl, ARGV[5])
+  redis.call('PEXPIRE', s[1], math.ceil(ttl * 2))
+  out[s[2]] = out[s[2]] - 1
 end
 for _, w in ipairs(writes) do
   redis.call('SET', w[1], string.format('%.3f', w[2]), 'PX', math.max(1, math.ceil(w[2] - now)))
@@ -129,17 +142,30 @@ end
 return 1
 """
 
-# KEYS: concurrency.  ARGV: lease id, ttl ms.  Renews a lease this instance still holds.
+# KEYS: the slot sets a lease is in.  ARGV: lease id, ttl ms.  Renews the slots this instance
+# still holds (one that already expired is not brought back).
 _RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local ttl = tonumber(ARGV[2])
-local n = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + ttl, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 2))
+local n = 0
+for i = 1, #KEYS do
+  n = n + redis.call('ZADD', KEYS[i], 'XX', 'CH', now + ttl, ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], math.ceil(ttl * 2))
+end
 return n
 """
 
-_NAMES = {1: "rpm", 2: "tpm", 3: "concurrency"}
+# KEYS: the slot sets a lease is in.  ARGV: lease id.  Frees all of its slots at once.
+_RELEASE = """
+local n = 0
+for i = 1, #KEYS do
+  n = n + redis.call('ZREM', KEYS[i], ARGV[1])
+end
+return n
+"""
+
+_NAMES = {1: "rpm", 2: "tpm", 3: "concurrency", 4: "requests"}
 _FAILURES = (RedisError, OSError, TimeoutError)
 
 
@@ -172,7 +198,10 @@ class RedisLimiter:
         instances: int = 1,
         retry_redis_after_s: float = 1.0,
         client: aioredis.Redis | None = None,
+        slot_ttl_s: float = LEASE_TTL_S,
     ) -> None:
+        """`slot_ttl_s`: how long a concurrency slot outlives its last renewal (renewed every
+        third of it); admit's `lease_ttl_s` is for the local fallback only."""
         self.name = "redis"
         self._redis = client or redis_client(url, socket_timeout_s)
         self._timeout = socket_timeout_s
@@ -180,11 +209,13 @@ class RedisLimiter:
         self._fail_open = fail_open
         self._instances = instances
         self._retry_after = retry_redis_after_s
+        self._slot_ttl_ms = int(slot_ttl_s * 1000)
         self._down_until = 0.0
         self._fallback = MemoryLimiter(name="fallback")
         self._admit = self._redis.register_script(_ADMIT)
         self._reconcile = self._redis.register_script(_RECONCILE)
         self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
         self._held: dict[str, Lease] = {}
         self._renewer: asyncio.Task[None] | None = None
         # Counters (exported as metrics): decisions taken without Redis, Redis errors.
@@ -193,7 +224,14 @@ class RedisLimiter:
 
     def _keys(self, subject: str) -> list[str]:
         tag = f"{self._prefix}:{{{subject}}}"
-        return [f"{tag}:rpm", f"{tag}:tpm", f"{tag}:conc"]
+        return [f"{tag}:rpm", f"{tag}:tpm", f"{tag}:conc", f"{tag}:reqs"]
+
+    def _slot_keys(self, lease: Lease) -> list[str]:
+        """The sorted sets `lease` has a slot in."""
+        keys = self._keys(lease.subject)
+        return [
+            k for k, held in ((keys[2], lease.stream_slot), (keys[3], lease.request_slot)) if held
+        ]
 
     @property
     def redis_up(self) -> bool:
@@ -227,8 +265,9 @@ class RedisLimiter:
                         max(0, tokens),
                         spec.concurrent_streams or 0,
                         lease_id,
-                        int(LEASE_TTL_S * 1000),
+                        self._slot_ttl_ms,
                         int(PERIOD_S * 1000),
+                        spec.concurrent_requests or 0,
                     ],
                 )
             except _FAILURES as exc:
@@ -262,14 +301,22 @@ class RedisLimiter:
             usage.append(Usage("tpm", spec.tokens_per_minute, int(out[5]), out[6] / 1000))
         if spec.concurrent_streams is not None and out[7] >= 0:
             usage.append(Usage("concurrency", spec.concurrent_streams, int(out[7]), 0.0))
+        if spec.concurrent_requests is not None and out[8] >= 0:
+            usage.append(Usage("requests", spec.concurrent_requests, int(out[8]), 0.0))
         if not allowed:
             return Decision(False, _NAMES.get(int(out[1])), out[2] / 1000, tuple(usage))
         if spec.tokens_per_minute is not None:
             # A cost above the limit was charged as the limit: reconcile from what was charged.
             tokens = min(max(0, tokens), spec.tokens_per_minute)
         lease = None
-        if spec.concurrent_streams is not None:
-            lease = Lease(subject, lease_id, self.name)
+        if spec.concurrent_streams is not None or spec.concurrent_requests is not None:
+            lease = Lease(
+                subject,
+                lease_id,
+                self.name,
+                stream_slot=spec.concurrent_streams is not None,
+                request_slot=spec.concurrent_requests is not None,
+            )
             self._held[lease_id] = lease
             self._ensure_renewer()
         return Decision(True, None, 0.0, tuple(usage), lease, reserved_tokens=tokens)
@@ -296,10 +343,9 @@ class RedisLimiter:
         if self._held.pop(lease.lease_id, None) is None:
             return
         try:
-            async with asyncio.timeout(self._timeout * 2):
-                await self._redis.zrem(self._keys(lease.subject)[2], lease.lease_id)
+            await self._call(self._release, self._slot_keys(lease), [lease.lease_id])
         except _FAILURES as exc:
-            # The lease expires on its own within LEASE_TTL_S (it is no longer renewed).
+            # The slots expire on their own within the slot TTL (they are no longer renewed).
             self._failed(exc, "release")
 
     def _ensure_renewer(self) -> None:
@@ -310,13 +356,11 @@ class RedisLimiter:
 
     async def _renew_loop(self) -> None:
         while self._held:
-            await asyncio.sleep(LEASE_TTL_S / 3)
+            await asyncio.sleep(self._slot_ttl_ms / 3000)
             for lease in list(self._held.values()):
                 try:
                     await self._call(
-                        self._renew,
-                        [self._keys(lease.subject)[2]],
-                        [lease.lease_id, int(LEASE_TTL_S * 1000)],
+                        self._renew, self._slot_keys(lease), [lease.lease_id, self._slot_ttl_ms]
                     )
                 except _FAILURES as exc:
                     self._failed(exc, "renew")
