@@ -5,7 +5,9 @@ read (unverified) only for `alg`, to reject a disallowed algorithm early, and fo
 the key. Key sets published at `jwks_url` are fetched with the application's aiohttp session at
 start, refreshed in a background task, and refreshed early (at most once per
 `jwks_min_refresh_s`) when a token names an unknown `kid`, so that forged tokens cannot hammer
-the identity provider. Time claims are checked against the injected clock.
+the identity provider. Time claims are checked against the injected clock, and a token whose
+lifetime (`exp - iat`) exceeds `max_lifetime_s` is refused whoever signed it: a leaked token
+must not stay usable for years.
 
 Every failure is a `JwtError` with a short fixed message that is safe to show the caller.
 """
@@ -13,7 +15,6 @@ Every failure is a `JwtError` with a short fixed message that is safe to show th
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import time
 import warnings
@@ -49,6 +50,9 @@ PublicKey: TypeAlias = (
 MAX_JWKS_BYTES = 1024 * 1024
 MAX_CALLER_CHARS = 256
 MAX_TIER_CHARS = 128
+# 9999-12-31T23:59:59Z. A time claim beyond it (or before 1970) is not a date but garbage, and
+# huge values (1e300, 10**400) would otherwise reach float arithmetic.
+MAX_TIMESTAMP = 253_402_300_799
 # PyJWT warns (and NIST SP 800-131A disallows) below this; such keys are refused outright.
 MIN_RSA_BITS = 2048
 
@@ -167,7 +171,8 @@ class JwtVerifier:
         """The identity a valid token speaks for. Raises JwtError (message safe for callers).
 
         Order: size bound (before any parsing), header `alg` against the allow-list, key
-        lookup (may await one rate-limited JWKS refresh), signature and claims."""
+        lookup (may await one rate-limited JWKS refresh), signature, iss/aud, then the time
+        claims (well-formed, lifetime within `max_lifetime_s`, valid now) and the identity."""
         if len(token) > self._config.max_token_bytes:
             raise JwtError("token too large")
         if not token.isascii():  # so that characters == bytes below
@@ -185,6 +190,7 @@ class JwtVerifier:
         if alg not in key.algorithms:
             raise JwtError("algorithm does not match the signing key")
         claims = self._decode(token, key)
+        self._check_times(claims)
         return self._identity(claims)
 
     # -- claims -------------------------------------------------------------------------------
@@ -216,17 +222,28 @@ class JwtVerifier:
             # A malformed token reaching cryptography or json beyond what PyJWT maps.
             raise JwtError("malformed token") from None
 
-    def _identity(self, claims: dict[str, Any]) -> JwtIdentity:
-        now = self._clock()
-        leeway = self._config.leeway_s
+    def _check_times(self, claims: dict[str, Any]) -> None:
+        """Raise JwtError unless exp, iat (and nbf, if present) are plain numbers between 1970
+        and 9999, the lifetime `exp - iat` is at most `max_lifetime_s`, and the token is valid
+        at the injected clock's now (within `leeway_s`)."""
         exp = _numeric_claim(claims, "exp")
         iat = _numeric_claim(claims, "iat")
+        nbf = _numeric_claim(claims, "nbf") if claims.get("nbf") is not None else None
+        # The leeway absorbs clock skew at the moment of use; it does not lengthen a lifetime.
+        # A negative lifetime is not refused here: such a token is expired or not yet issued,
+        # and within the leeway both ends may cross.
+        if exp - iat > self._config.max_lifetime_s:
+            raise JwtError("token lifetime exceeds the allowed maximum")
+        now = self._clock()
+        leeway = self._config.leeway_s
         if exp <= now - leeway:
             raise JwtError("token expired")
         if iat > now + leeway:
             raise JwtError("token issued in the future")
-        if claims.get("nbf") is not None and _numeric_claim(claims, "nbf") > now + leeway:
+        if nbf is not None and nbf > now + leeway:
             raise JwtError("token not yet valid")
+
+    def _identity(self, claims: dict[str, Any]) -> JwtIdentity:
         caller_claim = self._config.caller_claim
         caller = claims.get(caller_claim)
         if caller is None:
@@ -399,12 +416,17 @@ def _message_for(exc: jwt.PyJWTError) -> str:
 
 
 def _numeric_claim(claims: dict[str, Any], name: str) -> float:
+    """The NumericDate claim `name`. Raises JwtError "missing claim <name>" when absent and
+    "invalid claim <name>" for a bool, a string, NaN, an infinity, or a value outside
+    0..MAX_TIMESTAMP."""
     value = claims.get(name)
     if value is None:
         raise JwtError(f"missing claim {name}")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise JwtError(f"invalid claim {name}")
-    if isinstance(value, float) and not math.isfinite(value):
+    # Also false for NaN and the infinities; and an int is compared exactly, so 10**400 never
+    # reaches float arithmetic (OverflowError).
+    if not 0 <= value <= MAX_TIMESTAMP:
         raise JwtError(f"invalid claim {name}")
     return value
 

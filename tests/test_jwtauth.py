@@ -65,12 +65,17 @@ class Idp:
         return web.Response(status=self.status, body=body, content_type="application/json")
 
 
+# Aliases: in the class body below, the fields `rsa` and `ec` would shadow the modules.
+RsaKey = rsa.RSAPrivateKey
+EcKey = ec.EllipticCurvePrivateKey
+
+
 @dataclass(frozen=True)
 class Keys:
-    rsa: rsa.RSAPrivateKey
-    rsa2: rsa.RSAPrivateKey
-    ec: ec.EllipticCurvePrivateKey
-    weak_rsa: rsa.RSAPrivateKey
+    rsa: RsaKey
+    rsa2: RsaKey
+    ec: EcKey
+    weak_rsa: RsaKey
 
 
 @pytest.fixture(scope="module")
@@ -693,3 +698,143 @@ def test_looks_like_jwt(keys: Keys) -> None:
     assert looks_like_jwt(mint(keys.ec, "ES256"))
     assert looks_like_jwt(mint(SECRET, "HS256", kid=None))
     assert looks_like_jwt(handmade({"alg": "none"}, claims(), None))
+
+
+# -- lifetime and absurd time claims ----------------------------------------------------------
+
+
+def hs256_config(**overrides: Any) -> JwtConfig:
+    values: dict[str, Any] = {
+        "issuer": ISSUER,
+        "audience": AUDIENCE,
+        "algorithms": ("HS256",),
+        "secret": SecretStr(SECRET),
+    }
+    values.update(overrides)
+    return JwtConfig(**values)
+
+
+def hs256(**overrides: Any) -> str:
+    return mint(SECRET, "HS256", kid=None, **overrides)
+
+
+def hs256_raw(payload_json: str) -> str:
+    """An HS256 token over `payload_json` exactly as written (e.g. the non-JSON `NaN`)."""
+    header = b64(b'{"alg":"HS256","typ":"JWT"}')
+    signing_input = f"{header}.{b64(payload_json.encode())}"
+    mac = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(mac)}"
+
+
+async def rejected_without_echo(verifier: JwtVerifier, token: str, message: str) -> None:
+    """Like `rejected`, and no part of the token (header, payload, signature) is echoed."""
+    with pytest.raises(JwtError) as info:
+        await verifier.verify(token)
+    text = str(info.value)
+    assert text == message
+    for part in (token, *token.split(".")):
+        assert not part or part not in text
+
+
+async def test_lifetime_up_to_the_bound_passes_beyond_it_fails(
+    make_verifier: VerifierFactory,
+) -> None:
+    verifier = await make_verifier(hs256_config())  # max_lifetime_s defaults to 86400
+    now = int(NOW)
+    for lifetime in (3600, 86399, 86400, 86399.5):
+        token = hs256(iat=now, exp=now + lifetime)
+        assert (await verifier.verify(token)).caller_id == "caller-1", lifetime
+    for lifetime in (86401, 86400.001, 365 * 86400):
+        token = hs256(iat=now, exp=now + lifetime)
+        await rejected_without_echo(verifier, token, "token lifetime exceeds the allowed maximum")
+
+
+async def test_leeway_does_not_extend_the_lifetime(make_verifier: VerifierFactory) -> None:
+    verifier = await make_verifier(hs256_config(leeway_s=600))
+    now = int(NOW)
+    await rejected_without_echo(
+        verifier, hs256(iat=now, exp=now + 86400 + 1), "token lifetime exceeds the allowed maximum"
+    )
+    # Currently valid, but issued two days ago for a day and an hour: still too long-lived.
+    old = hs256(iat=now - 2 * 86400, exp=now + 3600)
+    await rejected_without_echo(verifier, old, "token lifetime exceeds the allowed maximum")
+
+
+async def test_configured_max_lifetime_is_respected(make_verifier: VerifierFactory) -> None:
+    now = int(NOW)
+    short = await make_verifier(hs256_config(max_lifetime_s=3600))
+    assert (await short.verify(hs256(iat=now, exp=now + 3600))).caller_id == "caller-1"
+    await rejected_without_echo(
+        short, hs256(iat=now, exp=now + 3601), "token lifetime exceeds the allowed maximum"
+    )
+    week = await make_verifier(hs256_config(max_lifetime_s=7 * 86400))
+    assert (await week.verify(hs256(iat=now, exp=now + 2 * 86400))).caller_id == "caller-1"
+    await rejected_without_echo(
+        week, hs256(iat=now, exp=now + 8 * 86400), "token lifetime exceeds the allowed maximum"
+    )
+
+
+@pytest.mark.parametrize(
+    ("claim", "value"),
+    [
+        ("exp", 1e300),
+        ("exp", -1e300),
+        pytest.param("exp", 10**400, id="exp-10**400"),  # an int: no OverflowError
+        ("exp", float("inf")),
+        ("exp", float("-inf")),
+        ("exp", float("nan")),
+        ("exp", True),
+        ("exp", False),
+        ("exp", 253_402_300_800),  # one second past 9999-12-31T23:59:59Z
+        ("exp", [int(NOW) + 300]),
+        ("iat", 1e300),
+        ("iat", -1e300),
+        ("iat", -1),
+        ("iat", float("nan")),
+        ("iat", float("-inf")),
+        ("iat", True),
+        pytest.param("iat", "1700000000", id="iat-numeric-string"),
+        ("nbf", 1e300),
+        ("nbf", float("nan")),
+        ("nbf", float("inf")),
+        ("nbf", False),
+    ],
+    ids=lambda v: repr(v) if not isinstance(v, str) else v,
+)
+async def test_absurd_time_claims_are_rejected(
+    make_verifier: VerifierFactory, claim: str, value: Any
+) -> None:
+    verifier = await make_verifier(hs256_config())
+    await rejected_without_echo(verifier, hs256(**{claim: value}), f"invalid claim {claim}")
+
+
+@pytest.mark.parametrize(
+    ("times", "claim"),
+    [
+        ('"iat": 1700000000, "exp": 1e300', "exp"),
+        ('"iat": 1700000000, "exp": 1e999', "exp"),  # json reads it as inf
+        ('"iat": 1700000000, "exp": NaN', "exp"),
+        ('"iat": 1700000000, "exp": Infinity', "exp"),
+        ('"iat": 1700000000, "exp": -Infinity', "exp"),
+        ('"iat": 1700000000, "exp": true', "exp"),
+        ('"iat": NaN, "exp": 1700000300', "iat"),
+        ('"iat": -Infinity, "exp": 1700000300', "iat"),
+        ('"iat": 1700000000, "exp": 1700000300, "nbf": Infinity', "nbf"),
+    ],
+)
+async def test_non_finite_time_claims_in_raw_json_are_rejected(
+    make_verifier: VerifierFactory, times: str, claim: str
+) -> None:
+    # Written by hand so that the test does not depend on what PyJWT agrees to encode.
+    payload = f'{{"iss": "{ISSUER}", "aud": "{AUDIENCE}", "sub": "caller-1", {times}}}'
+    verifier = await make_verifier(hs256_config())
+    await rejected_without_echo(verifier, hs256_raw(payload), f"invalid claim {claim}")
+
+
+async def test_raw_json_helper_makes_valid_tokens(make_verifier: VerifierFactory) -> None:
+    payload = (
+        f'{{"iss": "{ISSUER}", "aud": "{AUDIENCE}", "sub": "caller-1", '
+        '"iat": 1700000000, "exp": 1700000300.5}'
+    )
+    verifier = await make_verifier(hs256_config())
+    assert (await verifier.verify(hs256_raw(payload))).caller_id == "caller-1"
