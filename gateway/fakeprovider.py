@@ -3,9 +3,11 @@
 The fake speaks the wire formats of OpenAI Chat Completions, legacy Completions, Responses,
 Embeddings and Models, and of Anthropic Messages and count_tokens, byte for byte as the
 providers stream them. Every request can be scripted (timing, errors, truncation, stalls,
-tool calls, replays of recorded streams) through its model name suffix, ``x-fake-*`` headers
-or a per-attempt plan; every request is recorded, including each body byte written and whether
-the client went away. It is the upstream of the tests, the benchmarks and the demo.
+tool calls, replays of recorded streams, and HTTP-level misbehaviour: raw odd statuses,
+unasked-for compression, echoed keys, missing end markers, oversized events) through its
+model name suffix, ``x-fake-*`` headers or a per-attempt plan; every request is recorded,
+including each body byte written and whether the client went away. It is the upstream of the
+tests, the benchmarks and the demo.
 
 Scripting, lowest to highest precedence (see `FakeScript` for the parameters):
 
@@ -37,12 +39,14 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
+import http
 import math
 import random
 import re
 import secrets
 import struct
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +117,11 @@ _DEFAULT_EMBEDDING_DIMENSIONS: Final = 8
 _MAX_EMBEDDING_DIMENSIONS: Final = 8192
 _STALL_CAP_S: Final = 600.0
 _SPLIT_MAX: Final = 64
+# The largest single write: bigger events and bodies go out in pieces of this size.
+_PIECE_MAX: Final = 64 * 1024
+_MAX_EVENT_BYTES: Final = 64 * 1024 * 1024
+# The padding of ``event_bytes``: one byte in UTF-8 and never escaped inside a JSON string.
+_PAD_CHAR: Final = "x"
 
 
 def fake_tokens(n: int) -> list[str]:
@@ -206,6 +215,7 @@ def fake_embedding(text: str, dimensions: int = _DEFAULT_EMBEDDING_DIMENSIONS) -
 
 TruncateMode = Literal["clean", "reset"]
 LineEnding = Literal["lf", "crlf", "cr"]
+ContentEncoding = Literal["gzip", "deflate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,11 +229,12 @@ class FakeScript:
     several apply at the same point, the first of stall, error, truncate wins.
 
     Non-stream answers honour ``headers_delay_ms``, ``first_delay_ms``, the error-status
-    fields and ``split_seed``; any ``stall_after`` hangs before the headers, any
-    ``truncate_after`` sends half the body and then resets the connection (a Content-Length
-    body cannot end cleanly early), and ``error_after`` is ignored. A replay is streamed
-    whatever the route and the request's ``stream`` flag; ``chunks``, ``tool`` and max tokens
-    do not apply to it, and its in-band error follows the route's API.
+    fields, ``raw_status``, ``content_encoding``, ``echo_key`` and ``split_seed``; any
+    ``stall_after`` hangs before the headers, any ``truncate_after`` sends half the body and
+    then resets the connection (a Content-Length body cannot end cleanly early), and
+    ``error_after``, ``omit_done`` and ``event_bytes`` are ignored. A replay is streamed
+    whatever the route and the request's ``stream`` flag; ``chunks``, ``tool``, max tokens and
+    ``event_bytes`` do not apply to it, and its in-band error follows the route's API.
     """
 
     chunks: int = 8
@@ -268,6 +279,48 @@ class FakeScript:
     """Write each event in random 1..64-byte pieces from a PRNG seeded with this value."""
     line_ending: LineEnding = "lf"
     """SSE line terminator: ``lf``, ``crlf`` or ``cr``."""
+    raw_status: int | None = None
+    """Answer with this status (100..999) written as raw HTTP/1.1 on the transport, bypassing
+    aiohttp's response object (which refuses odd statuses); wins over ``status``. ``101``
+    sends ``101 Switching Protocols`` with ``Connection: Upgrade`` and ``Upgrade: websocket``,
+    any other 1xx that informational response alone; both then hold the connection open, no
+    final response ever coming, until the client goes away (capped at 600 s, then closed:
+    outcome ``stall_timeout``). Any other value (200..599 too) sends a status line,
+    ``content-type: application/json``, ``content-length``, the request-id and scripted
+    retry-after headers, ``connection: close`` and an error body in the route's format (the
+    ``error_*`` fields and ``echo_key`` apply; ``content_encoding`` and ``split_seed`` do
+    not), then closes the connection: outcome ``error_status``. ``RequestRecord.status`` is
+    this status; ``sent`` holds the error body only, never the raw head."""
+    content_encoding: ContentEncoding | None = None
+    """``gzip`` or ``deflate`` (zlib format): compress the answer and send it with
+    ``Content-Encoding``, whatever the request's ``accept-encoding`` asked for: JSON bodies,
+    error-status bodies (every answer once the script is parsed; the 401 for a missing or
+    rejected key and the 400 for a bad script are plain) and streams. A stream is compressed
+    incrementally, one compressor per response flushed with ``Z_SYNC_FLUSH`` after each event,
+    so events still arrive one by one; every ending but a reset finishes the encoding (its
+    trailer), a clean truncation too. A truncated non-stream answer is half of the compressed
+    body. ``RequestRecord.sent`` holds the compressed bytes, as they went on the wire."""
+    echo_key: bool = False
+    """Echo the upstream key the fake received (``RequestRecord.api_key``) verbatim, as
+    ``" (api key: <key>)"`` appended to: the message of a scripted error-status body
+    (``status`` or a final ``raw_status``), the message of the in-band error events of
+    ``error_after`` (both Responses events), and the generated text of a 200 non-stream text
+    answer (chat ``content``, completion ``text``, Responses ``output_text``, the Messages
+    text block). Streamed content, tool-call answers and the 401 for a rejected key never
+    carry it. Simulates providers that echo keys, for secret-scrubbing tests."""
+    omit_done: bool = False
+    """End a stream cleanly without the API's end marker: no ``data: [DONE]`` (chat, legacy
+    completions, chat replays), no ``message_stop`` (Messages), no terminal
+    ``response.completed`` or ``response.incomplete`` (Responses). The content, finish and
+    usage chunks are all sent and the chunked body ends normally (outcome ``complete``)."""
+    event_bytes: int = 0
+    """Pad the text of a generated stream's first content chunk with ``x`` so that its SSE
+    event (one ``data:`` line, framing included) is N bytes long (0..67108864; 0 or an N below
+    the unpadded size: no padding). Like every write, the event goes out in pieces of at most
+    64 KiB, so the reader sees many reads of one event. In tool mode the first argument
+    fragment is padded (the arguments no longer parse); Responses' ``output_text.done``,
+    ``content_part.done``, ``output_item.done`` and final events repeat the padded text.
+    Non-stream answers and replays are not padded."""
 
     def to_headers(self) -> dict[str, str]:
         """Return the ``x-fake-*`` headers that script this (only fields off their default)."""
@@ -386,6 +439,11 @@ _CONVERTERS: Final[Mapping[str, _Converter]] = MappingProxyType(
         "replay_part": _int_converter(0, None),
         "split_seed": _int_converter(None, None),
         "line_ending": _choice_converter("lf", "crlf", "cr"),
+        "raw_status": _int_converter(100, 999),
+        "content_encoding": _choice_converter("gzip", "deflate"),
+        "echo_key": _bool_converter,
+        "omit_done": _bool_converter,
+        "event_bytes": _int_converter(0, _MAX_EVENT_BYTES),
     }
 )
 _DEFAULTS: Final[Mapping[str, object]] = MappingProxyType(
@@ -455,7 +513,8 @@ class RequestRecord:
     error event, truncation or reset counts as carried out) without the client going away;
     ``outcome`` says which ending it was. ``disconnected`` means the client went away (the
     handler was cancelled, or a write failed) before that. ``sent`` holds every body byte
-    handed to the transport, without HTTP chunk framing; ``writes`` counts the writes.
+    handed to the transport, without HTTP chunk framing (compressed, under
+    ``content_encoding``); ``writes`` counts the writes (each at most 64 KiB).
     ``status`` is the HTTP status sent (0 until the headers went out). ``attempt`` is the
     0-based index of this request among those with the same ``x-fake-session``. ``api_key``
     is the key the request authenticated with (also when it was rejected). ``model`` is the
@@ -552,6 +611,7 @@ class _Reject(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
+        echo: str = "",
     ) -> None:
         super().__init__(message or f"HTTP {status}")
         self.status = status
@@ -560,9 +620,11 @@ class _Reject(Exception):
         self.code = code
         self.param = param
         self.headers = dict(headers or {})
+        # Appended to the message, default or scripted (see FakeScript.echo_key).
+        self.echo = echo
 
     @classmethod
-    def from_script(cls, script: FakeScript, status: int) -> _Reject:
+    def from_script(cls, script: FakeScript, status: int, echo: str = "") -> _Reject:
         headers: dict[str, str] = {}
         if script.retry_after is not None:
             headers["retry-after"] = script.retry_after
@@ -574,6 +636,7 @@ class _Reject(Exception):
             error_type=script.error_type,
             code=script.error_code,
             headers=headers,
+            echo=echo,
         )
 
     def body(self, wire: Wire, request_id: str) -> bytes:
@@ -583,7 +646,10 @@ class _Reject(Exception):
             return orjson.dumps(
                 {
                     "type": "error",
-                    "error": {"type": self.error_type or a_type, "message": self.message or a_msg},
+                    "error": {
+                        "type": self.error_type or a_type,
+                        "message": (self.message or a_msg) + self.echo,
+                    },
                     "request_id": request_id,
                 }
             )
@@ -592,7 +658,7 @@ class _Reject(Exception):
         return orjson.dumps(
             {
                 "error": {
-                    "message": self.message or o_msg,
+                    "message": (self.message or o_msg) + self.echo,
                     "type": self.error_type or o_type,
                     "param": self.param,
                     "code": self.code if self.code is not None else o_code,
@@ -625,6 +691,8 @@ def _rand_id(nbytes: int = 12) -> str:
 class _Event:
     payload: bytes
     content: bool
+    # The API's end marker ([DONE], message_stop, the final response.*), left out by omit_done.
+    terminal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,6 +715,10 @@ class _Gen:
     tool_name: str | None
     script: FakeScript
     eol: bytes
+    # Appended to in-band error messages and non-stream answer texts (FakeScript.echo_key).
+    echo: str = ""
+    # Padding characters appended to the first piece (streams only, see FakeScript.event_bytes).
+    pad: int = 0
 
     def pieces(self) -> tuple[list[str], bool]:
         """Content pieces to emit and whether max tokens cut them short."""
@@ -655,16 +727,19 @@ class _Gen:
             if self.tool_name is not None
             else fake_tokens(self.script.chunks)
         )
-        if self.max_tokens is not None and self.max_tokens < len(pieces):
-            return pieces[: self.max_tokens], True
-        return pieces, False
+        cut = self.max_tokens is not None and self.max_tokens < len(pieces)
+        if cut:
+            pieces = pieces[: self.max_tokens]
+        if self.pad and pieces:
+            pieces[0] += _PAD_CHAR * self.pad
+        return pieces, cut
 
 
-def _openai_inband_error(script: FakeScript) -> bytes:
+def _openai_inband_error(script: FakeScript, echo: str) -> bytes:
     return orjson.dumps(
         {
             "error": {
-                "message": script.error_message or _INBAND_OPENAI_MESSAGE,
+                "message": (script.error_message or _INBAND_OPENAI_MESSAGE) + echo,
                 "type": script.error_type or "server_error",
                 "param": None,
                 "code": script.error_code,
@@ -673,26 +748,31 @@ def _openai_inband_error(script: FakeScript) -> bytes:
     )
 
 
-def _anthropic_inband_error(script: FakeScript) -> bytes:
+def _anthropic_inband_error(script: FakeScript, echo: str) -> bytes:
     return orjson.dumps(
         {
             "type": "error",
             "error": {
                 "type": script.error_type or "overloaded_error",
-                "message": script.error_message or "Overloaded",
+                "message": (script.error_message or "Overloaded") + echo,
             },
         }
     )
 
 
-def _chat_error(script: FakeScript, eol: bytes) -> Callable[[int], list[bytes]]:
-    framed = _frame(_openai_inband_error(script), eol)
+def _chat_error(script: FakeScript, eol: bytes, echo: str) -> Callable[[int], list[bytes]]:
+    framed = _frame(_openai_inband_error(script, echo), eol)
     return lambda _written: [framed]
 
 
-def _anthropic_error(script: FakeScript, eol: bytes) -> Callable[[int], list[bytes]]:
-    framed = _frame(_anthropic_inband_error(script), eol, b"error")
+def _anthropic_error(script: FakeScript, eol: bytes, echo: str) -> Callable[[int], list[bytes]]:
+    framed = _frame(_anthropic_inband_error(script, echo), eol, b"error")
     return lambda _written: [framed]
+
+
+def _key_echo(key: str | None) -> str:
+    """The text `FakeScript.echo_key` appends (nothing without a key)."""
+    return f" (api key: {key})" if key else ""
 
 
 def _chat_tool_call_id() -> str:
@@ -743,8 +823,8 @@ def _chat_stream(g: _Gen) -> _StreamPlan:
         events.append(
             _Event(_frame(orjson.dumps({**head, "choices": [], "usage": usage}), g.eol), False)
         )
-    events.append(_Event(_frame(_DONE, g.eol), False))
-    return _StreamPlan(events, _chat_error(g.script, g.eol))
+    events.append(_Event(_frame(_DONE, g.eol), False, terminal=True))
+    return _StreamPlan(events, _chat_error(g.script, g.eol, g.echo))
 
 
 def _openai_usage(prompt: int, completion: int) -> dict[str, int]:
@@ -781,8 +861,8 @@ def _completions_stream(g: _Gen) -> _StreamPlan:
         events.append(
             _Event(_frame(orjson.dumps({**head, "choices": [], "usage": usage}), g.eol), False)
         )
-    events.append(_Event(_frame(_DONE, g.eol), False))
-    return _StreamPlan(events, _chat_error(g.script, g.eol))
+    events.append(_Event(_frame(_DONE, g.eol), False, terminal=True))
+    return _StreamPlan(events, _chat_error(g.script, g.eol, g.echo))
 
 
 @dataclass(frozen=True, slots=True)
@@ -842,13 +922,19 @@ def _response_object(
     }
 
 
-def _responses_final(g: _Gen, ids: _ResponsesIds) -> tuple[dict[str, Any], list[str], bool]:
-    """The completed (or incomplete) response object, the pieces and whether they were cut."""
+def _responses_final(
+    g: _Gen, ids: _ResponsesIds, text_suffix: str = ""
+) -> tuple[dict[str, Any], list[str], bool]:
+    """The completed (or incomplete) response object, the pieces and whether they were cut.
+
+    ``text_suffix`` is appended to a text answer's output text, not to the pieces.
+    """
     pieces, cut = g.pieces()
     joined = "".join(pieces)
     item: dict[str, Any]
     if g.tool_name is None:
-        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": joined}
+        text = joined + text_suffix
+        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
         item = {
             "id": ids.item,
             "type": "message",
@@ -890,10 +976,10 @@ def _responses_stream(g: _Gen) -> _StreamPlan:
     joined = "".join(pieces)
     events: list[_Event] = []
 
-    def add(payload: dict[str, Any], content: bool = False) -> None:
+    def add(payload: dict[str, Any], content: bool = False, terminal: bool = False) -> None:
         payload["sequence_number"] = len(events)
         kind = payload["type"].encode()
-        events.append(_Event(_frame(orjson.dumps(payload), g.eol, kind), content))
+        events.append(_Event(_frame(orjson.dumps(payload), g.eol, kind), content, terminal))
 
     start = _response_object(g, ids, "in_progress", [], None)
     add({"type": "response.created", "response": start})
@@ -924,11 +1010,12 @@ def _responses_stream(g: _Gen) -> _StreamPlan:
             add({"type": "response.function_call_arguments.delta", **common, "delta": p}, True)
         add({"type": "response.function_call_arguments.done", **common, "arguments": joined})
     add({"type": "response.output_item.done", "output_index": 0, "item": item_done})
-    add({"type": "response.incomplete" if cut else "response.completed", "response": final})
+    kind = "response.incomplete" if cut else "response.completed"
+    add({"type": kind, "response": final}, terminal=True)
 
     def error(written: int) -> list[bytes]:
         code = g.script.error_code or g.script.error_type or "server_error"
-        message = g.script.error_message or _INBAND_OPENAI_MESSAGE
+        message = (g.script.error_message or _INBAND_OPENAI_MESSAGE) + g.echo
         err = {"type": "error", "code": code, "message": message, "param": None}
         failed = _response_object(
             g, ids, "failed", [], None, error={"code": code, "message": message}
@@ -948,11 +1035,28 @@ def _responses_stream(g: _Gen) -> _StreamPlan:
 
 
 def _anthropic_usage(prompt: int, output: int) -> dict[str, int]:
+    """The usage of a ``message_delta`` event, keys in the API's order."""
     return {
         "input_tokens": prompt,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
         "output_tokens": output,
+    }
+
+
+def _anthropic_message_usage(prompt: int, output: int) -> dict[str, Any]:
+    """The usage of a message object (``message_start``, non-stream bodies), as the API sends it.
+
+    Keys in the API's order: cache counters, the per-TTL cache breakdown, tier and geography.
+    """
+    return {
+        "input_tokens": prompt,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "output_tokens": output,
+        "service_tier": "standard",
+        "inference_geo": "not_available",
     }
 
 
@@ -966,9 +1070,9 @@ def _messages_stream(g: _Gen) -> _StreamPlan:
     pieces, cut = g.pieces()
     events: list[_Event] = []
 
-    def add(payload: Mapping[str, Any], content: bool = False) -> None:
+    def add(payload: Mapping[str, Any], content: bool = False, terminal: bool = False) -> None:
         kind = str(payload["type"]).encode()
-        events.append(_Event(_frame(orjson.dumps(payload), g.eol, kind), content))
+        events.append(_Event(_frame(orjson.dumps(payload), g.eol, kind), content, terminal))
 
     message: dict[str, Any] = {
         "id": "msg_" + _rand_id(),
@@ -978,7 +1082,7 @@ def _messages_stream(g: _Gen) -> _StreamPlan:
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": _anthropic_usage(g.prompt_tokens, 1),
+        "usage": _anthropic_message_usage(g.prompt_tokens, 1),
     }
     add({"type": "message_start", "message": message})
     events.append(_Event(_frame(_ANTHROPIC_PING, g.eol, b"ping"), False))
@@ -1002,11 +1106,12 @@ def _messages_stream(g: _Gen) -> _StreamPlan:
         {
             "type": "message_delta",
             "delta": {"stop_reason": _anthropic_stop(g, cut), "stop_sequence": None},
-            "usage": {"output_tokens": len(pieces)},
+            # The real API repeats the input and cache counters here, not only the output.
+            "usage": _anthropic_usage(g.prompt_tokens, len(pieces)),
         }
     )
-    add({"type": "message_stop"})
-    return _StreamPlan(events, _anthropic_error(g.script, g.eol))
+    add({"type": "message_stop"}, terminal=True)
+    return _StreamPlan(events, _anthropic_error(g.script, g.eol, g.echo))
 
 
 def _chat_body(g: _Gen) -> bytes:
@@ -1015,7 +1120,7 @@ def _chat_body(g: _Gen) -> bytes:
     if g.tool_name is None:
         message = {
             "role": "assistant",
-            "content": "".join(pieces),
+            "content": "".join(pieces) + g.echo,
             "refusal": None,
             "annotations": [],
         }
@@ -1046,7 +1151,7 @@ def _chat_body(g: _Gen) -> bytes:
 def _completions_body(g: _Gen) -> bytes:
     tokens, cut = dataclasses.replace(g, tool_name=None).pieces()
     choice = {
-        "text": "".join(tokens),
+        "text": "".join(tokens) + g.echo,
         "index": 0,
         "logprobs": None,
         "finish_reason": "length" if cut else "stop",
@@ -1065,7 +1170,8 @@ def _completions_body(g: _Gen) -> bytes:
 
 
 def _responses_body(g: _Gen) -> bytes:
-    final, _pieces, _cut = _responses_final(g, _responses_ids(g.tool_name is not None))
+    ids = _responses_ids(g.tool_name is not None)
+    final, _pieces, _cut = _responses_final(g, ids, g.echo)
     return orjson.dumps(final)
 
 
@@ -1073,7 +1179,7 @@ def _messages_body(g: _Gen) -> bytes:
     pieces, cut = g.pieces()
     block: dict[str, Any]
     if g.tool_name is None:
-        block = {"type": "text", "text": "".join(pieces)}
+        block = {"type": "text", "text": "".join(pieces) + g.echo}
     else:
         # A cut-short argument string is not JSON; Anthropic would not parse it either.
         tool_input = orjson.loads(FAKE_TOOL_ARGUMENTS) if not cut else {}
@@ -1092,7 +1198,7 @@ def _messages_body(g: _Gen) -> bytes:
             "content": [block],
             "stop_reason": _anthropic_stop(g, cut),
             "stop_sequence": None,
-            "usage": _anthropic_usage(g.prompt_tokens, len(pieces)),
+            "usage": _anthropic_message_usage(g.prompt_tokens, len(pieces)),
         }
     )
 
@@ -1274,6 +1380,8 @@ def _plan_entry(raw: str, attempt: int) -> Mapping[str, object]:
 # --------------------------------------------------------------------------------------------
 
 _CHAT_RECORDING_DIRS: Final = ("openai-chat", "openai-completions")
+# Recorded events that are the API's end marker (left out by omit_done).
+_TERMINAL_KINDS: Final = frozenset({b"message_stop", b"response.completed", b"response.incomplete"})
 
 
 def _frame_recording(raw: bytes, chat: bool, part: int, eol: bytes) -> list[_Event] | None:
@@ -1300,9 +1408,12 @@ def _frame_recording(raw: bytes, chat: bool, part: int, eol: bytes) -> list[_Eve
     if part >= len(bounds):
         return None
     end = bounds[part + 1] if part + 1 < len(bounds) else len(lines)
-    events = [_Event(_frame(lines[i], eol, kinds[i]), True) for i in range(bounds[part], end)]
+    events = [
+        _Event(_frame(lines[i], eol, kinds[i]), True, kinds[i] in _TERMINAL_KINDS)
+        for i in range(bounds[part], end)
+    ]
     if chat:
-        events.append(_Event(_frame(_DONE, eol), False))
+        events.append(_Event(_frame(_DONE, eol), False, terminal=True))
     return events
 
 
@@ -1311,10 +1422,27 @@ def _frame_recording(raw: bytes, chat: bool, part: int, eol: bytes) -> list[_Eve
 # --------------------------------------------------------------------------------------------
 
 
-class _Writer:
-    """Writes body bytes to one response and records them (split into pieces if scripted)."""
+def _compressor(encoding: ContentEncoding) -> zlib._Compress:
+    # gzip: a gzip member (wbits 16 + 15); deflate: the zlib format HTTP means by "deflate".
+    return zlib.compressobj(wbits=31 if encoding == "gzip" else 15)
 
-    __slots__ = ("_keep", "_loop", "_record", "_resp", "_rng")
+
+def _compressed(payload: bytes, encoding: ContentEncoding | None) -> bytes:
+    if encoding is None:
+        return payload
+    zipper = _compressor(encoding)
+    return zipper.compress(payload) + zipper.flush()
+
+
+class _Writer:
+    """Writes body bytes to one response and records them.
+
+    With an ``encoding`` each `write` is compressed and sync-flushed on its own, so that it
+    can be decoded as soon as it arrives; `finish` ends the encoding. What goes on the wire
+    is split into random pieces if scripted, else into pieces of at most 64 KiB.
+    """
+
+    __slots__ = ("_keep", "_loop", "_record", "_resp", "_rng", "_zipper")
 
     def __init__(
         self,
@@ -1323,6 +1451,7 @@ class _Writer:
         split_seed: int | None,
         *,
         keep: bool,
+        encoding: ContentEncoding | None = None,
     ) -> None:
         self._resp = resp
         self._record = record
@@ -1330,13 +1459,26 @@ class _Writer:
         self._loop = asyncio.get_running_loop()
         # Not for security: a reproducible spread of piece sizes is the point.
         self._rng = random.Random(split_seed) if split_seed is not None else None  # noqa: S311
+        self._zipper = _compressor(encoding) if encoding is not None else None
 
     async def write(self, data: bytes) -> None:
+        """Write one event (or body); raises `ConnectionError` if the client went away."""
+        if self._zipper is not None:
+            data = self._zipper.compress(data) + self._zipper.flush(zlib.Z_SYNC_FLUSH)
+        await self._send(data)
+
+    async def finish(self) -> None:
+        """End the content encoding (its trailer), if any; call before ``write_eof``."""
+        zipper, self._zipper = self._zipper, None
+        if zipper is not None:
+            await self._send(zipper.flush())
+
+    async def _send(self, data: bytes) -> None:
         record = self._record
         if record.first_byte_at is None:
             record.first_byte_at = self._loop.time()
         rng = self._rng
-        if rng is None:
+        if rng is None and len(data) <= _PIECE_MAX:
             await self._resp.write(data)
             if self._keep:
                 record.sent += data
@@ -1345,7 +1487,8 @@ class _Writer:
         view = memoryview(data)
         pos = 0
         while pos < len(view):
-            piece = bytes(view[pos : pos + rng.randint(1, _SPLIT_MAX)])
+            size = rng.randint(1, _SPLIT_MAX) if rng is not None else _PIECE_MAX
+            piece = bytes(view[pos : pos + size])
             await self._resp.write(piece)
             if self._keep:
                 record.sent += piece
@@ -1613,7 +1756,8 @@ class FakeProvider:
         finally:
             self.open_streams -= 1
 
-    def _gen(self, api: Api, body: Mapping[str, Any], model: str, script: FakeScript) -> _Gen:
+    def _gen(self, api: Api, body: Mapping[str, Any], model: str, record: RequestRecord) -> _Gen:
+        script = record.script
         return _Gen(
             body=body,
             model=model,
@@ -1624,7 +1768,45 @@ class FakeProvider:
             tool_name=_tool_name(body, script) if api != "completions" else None,
             script=script,
             eol=_EOLS[script.line_ending],
+            echo=_echo(record),
         )
+
+    def _stream_plan(
+        self, api: Api, body: Mapping[str, Any], model: str, record: RequestRecord
+    ) -> _StreamPlan:
+        """Build a generated stream, its first content event padded to ``event_bytes``."""
+        g = self._gen(api, body, model, record)
+        build = _STREAM_BUILDERS[api]
+        plan = build(g)
+        target = record.script.event_bytes
+        first = next((e for e in plan.events if e.content), None)
+        if first is not None and len(first.payload) < target:
+            # One padding character is one byte more in the event, and a rebuild keeps the
+            # widths of everything else (ids, timestamps, sequence numbers): exact in one go.
+            plan = build(dataclasses.replace(g, pad=target - len(first.payload)))
+        return plan
+
+    async def _scripted_head(
+        self, request: web.Request, wire: Wire, record: RequestRecord, headers: Mapping[str, str]
+    ) -> web.StreamResponse | None:
+        """Carry out what the script does before (or instead of) a normal answer.
+
+        Sleeps ``headers_delay_ms``, then carries out the first of ``reset_before_headers``,
+        ``raw_status`` and ``status``. Returns the response when one of those answered, else
+        None (the caller answers normally).
+        """
+        script = record.script
+        if script.headers_delay_ms:
+            await asyncio.sleep(script.headers_delay_ms / 1000)
+        if script.reset_before_headers:
+            self._abort(request, record)
+            return web.Response(status=500)  # never sent: the connection is gone
+        if script.raw_status is not None:
+            return await self._send_raw(request, wire, record, script.raw_status, headers)
+        if script.status is not None:
+            scripted = _Reject.from_script(script, script.status, _echo(record))
+            return await self._send_error(request, record, wire, headers, scripted)
+        return None
 
     async def _serve_body(
         self,
@@ -1639,25 +1821,20 @@ class FakeProvider:
         script = record.script
         payload = b""
         try:
-            if script.status is None:
-                payload = self._build_body(api, body, model, script)
+            if script.status is None and script.raw_status is None:
+                payload = self._build_body(api, body, model, record)
         except _Reject as rej:
             return await self._send_error(request, record, wire, headers, rej)
-        if script.headers_delay_ms:
-            await asyncio.sleep(script.headers_delay_ms / 1000)
-        if script.reset_before_headers:
-            self._abort(request, record)
-            return web.Response(status=500)  # never sent: the connection is gone
-        if script.status is not None:
-            scripted = _Reject.from_script(script, script.status)
-            return await self._send_error(request, record, wire, headers, scripted)
+        scripted = await self._scripted_head(request, wire, record, headers)
+        if scripted is not None:
+            return scripted
         if script.stall_after is not None:
             # A non-stream answer has no chunks to count: any stall hangs before the headers.
             await asyncio.sleep(_STALL_CAP_S)
         return await self._send_json(request, record, 200, payload, headers, scripted=True)
 
     def _build_body(
-        self, api: Api, body: Mapping[str, Any], model: str, script: FakeScript
+        self, api: Api, body: Mapping[str, Any], model: str, record: RequestRecord
     ) -> bytes:
         if api == "embeddings":
             return _embeddings_body(body, model)
@@ -1669,7 +1846,7 @@ class FakeProvider:
             return orjson.dumps({"object": "list", "data": data})
         if api == "count":
             return orjson.dumps({"input_tokens": estimate_prompt_tokens(body)})
-        return _BODY_BUILDERS[api](self._gen(api, body, model, script))
+        return _BODY_BUILDERS[api](self._gen(api, body, model, record))
 
     async def _send_json(
         self,
@@ -1682,9 +1859,13 @@ class FakeProvider:
         scripted: bool = False,
     ) -> web.StreamResponse:
         script = record.script
+        encoding = script.content_encoding
+        payload = _compressed(payload, encoding)
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_type = "application/json"
         resp.content_length = len(payload)
+        if encoding is not None:
+            resp.headers["Content-Encoding"] = encoding
         await resp.prepare(request)
         record.status = status
         if scripted and script.first_delay_ms:
@@ -1723,13 +1904,73 @@ class FakeProvider:
             request, record, rej.status, payload, {**headers, **rej.headers}
         )
 
+    async def _send_raw(
+        self,
+        request: web.Request,
+        wire: Wire,
+        record: RequestRecord,
+        status: int,
+        headers: Mapping[str, str],
+    ) -> web.StreamResponse:
+        """Write ``raw_status`` as raw HTTP/1.1 on the transport (see `FakeScript.raw_status`).
+
+        Returns a response aiohttp can never send: the transport is closing (a final status)
+        or gone (the client left a held 1xx), so aiohttp treats it as a disconnect.
+        """
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            self._mark_disconnected(record)
+            return web.Response(status=500)
+        if status < 200:
+            if status == 101:
+                head = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                head += b"Upgrade: websocket\r\n\r\n"
+            else:
+                head = f"HTTP/1.1 {status} {_reason(status)}\r\n\r\n".encode()
+            transport.write(head)
+            record.status = status
+            self._notify()
+            # No final response follows; the client going away cancels this sleep.
+            await asyncio.sleep(_STALL_CAP_S)
+            transport.close()
+            self._finish(record, "stall_timeout")
+            return web.Response(status=500)
+        rej = _Reject.from_script(record.script, status, _echo(record))
+        fields = {**headers, **rej.headers}
+        for name, value in fields.items():
+            if "\r" in value or "\n" in value:
+                param = name.replace("-", "_")
+                bad = _Reject(
+                    400, f"fake provider: script parameter '{param}': CR or LF in {value!r}"
+                )
+                return await self._send_error(request, record, wire, headers, bad)
+        body = rej.body(wire, record.request_id)
+        lines = [
+            f"HTTP/1.1 {status} {_reason(status)}",
+            "content-type: application/json",
+            f"content-length: {len(body)}",
+            *(f"{name}: {value}" for name, value in fields.items()),
+            "connection: close",
+        ]
+        record.first_byte_at = asyncio.get_running_loop().time()
+        transport.write("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
+        record.status = status
+        record.writes += 1
+        if self.record_sent:
+            record.sent += body
+        # close(), not abort(): the buffered response is flushed first.
+        transport.close()
+        self._finish(record, "error_status")
+        return web.Response(status=500)
+
     def _abort(self, request: web.Request, record: RequestRecord) -> None:
         transport = request.transport
         if transport is not None:
             transport.abort()
         self._finish(record, "reset")
 
-    async def _replay_plan(self, api: Api, script: FakeScript) -> _StreamPlan:
+    async def _replay_plan(self, api: Api, record: RequestRecord) -> _StreamPlan:
+        script = record.script
         name = script.replay
         assert name is not None
         eol = _EOLS[script.line_ending]
@@ -1747,12 +1988,13 @@ class FakeProvider:
                     f"part {script.replay_part}",
                 )
             self._recordings[key] = events
+        echo = _echo(record)
         if api in ("chat", "completions"):
-            error = _chat_error(script, eol)
+            error = _chat_error(script, eol, echo)
         elif api == "messages":
-            error = _anthropic_error(script, eol)
+            error = _anthropic_error(script, eol, echo)
         else:
-            error = _responses_replay_error(script, eol)
+            error = _responses_replay_error(script, eol, echo)
         return _StreamPlan(events, error)
 
     def _recordings_root(self) -> Path:
@@ -1789,29 +2031,35 @@ class FakeProvider:
         headers: dict[str, str],
     ) -> web.StreamResponse:
         script = record.script
+        plan: _StreamPlan | None = None
         try:
-            if script.status is None:
+            if script.status is None and script.raw_status is None:
                 if script.replay is not None:
-                    plan = await self._replay_plan(api, script)
+                    plan = await self._replay_plan(api, record)
                 else:
-                    plan = _STREAM_BUILDERS[api](self._gen(api, body, model, script))
+                    plan = self._stream_plan(api, body, model, record)
         except _Reject as rej:
             return await self._send_error(request, record, wire, headers, rej)
-        if script.headers_delay_ms:
-            await asyncio.sleep(script.headers_delay_ms / 1000)
-        if script.reset_before_headers:
-            self._abort(request, record)
-            return web.Response(status=500)  # never sent: the connection is gone
-        if script.status is not None:
-            scripted = _Reject.from_script(script, script.status)
-            return await self._send_error(request, record, wire, headers, scripted)
+        scripted = await self._scripted_head(request, wire, record, headers)
+        if scripted is not None:
+            return scripted
+        assert plan is not None
 
-        resp = web.StreamResponse(status=200, headers={**headers, "Cache-Control": "no-cache"})
+        stream_headers = {**headers, "Cache-Control": "no-cache"}
+        if script.content_encoding is not None:
+            stream_headers["Content-Encoding"] = script.content_encoding
+        resp = web.StreamResponse(status=200, headers=stream_headers)
         resp.content_type = "text/event-stream"
         resp.charset = "utf-8"
         await resp.prepare(request)
         record.status = 200
-        writer = _Writer(resp, record, script.split_seed, keep=self.record_sent)
+        writer = _Writer(
+            resp,
+            record,
+            script.split_seed,
+            keep=self.record_sent,
+            encoding=script.content_encoding,
+        )
         try:
             if script.first_delay_ms:
                 await asyncio.sleep(script.first_delay_ms / 1000)
@@ -1822,12 +2070,14 @@ class FakeProvider:
                     await asyncio.sleep(gap)
                 if script.stall_after is not None and content >= script.stall_after:
                     await asyncio.sleep(_STALL_CAP_S)
+                    await writer.finish()
                     await resp.write_eof()
                     self._finish(record, "stall_timeout")
                     return resp
                 if script.error_after is not None and content >= script.error_after:
                     for payload in plan.error(written):
                         await writer.write(payload)
+                    await writer.finish()
                     await resp.write_eof()
                     self._finish(record, "error_event")
                     return resp
@@ -1835,12 +2085,16 @@ class FakeProvider:
                     if script.truncate_mode == "reset":
                         self._abort(request, record)
                         return resp
+                    await writer.finish()
                     await resp.write_eof()
                     self._finish(record, "truncated")
                     return resp
+                if event.terminal and script.omit_done:
+                    continue
                 await writer.write(event.payload)
                 if event.content:
                     content += 1
+            await writer.finish()
             await resp.write_eof()
         except ConnectionError:
             self._mark_disconnected(record)
@@ -1849,13 +2103,27 @@ class FakeProvider:
         return resp
 
 
-def _responses_replay_error(script: FakeScript, eol: bytes) -> Callable[[int], list[bytes]]:
+def _echo(record: RequestRecord) -> str:
+    """What `FakeScript.echo_key` appends for this request (nothing when it is off)."""
+    return _key_echo(record.api_key) if record.script.echo_key else ""
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown Status"
+
+
+def _responses_replay_error(
+    script: FakeScript, eol: bytes, echo: str
+) -> Callable[[int], list[bytes]]:
     """In-band error for a replay on the Responses route: the ids of the recording are not
     known here, so the ``response.failed`` carries a minimal response object."""
 
     def error(written: int) -> list[bytes]:
         code = script.error_code or script.error_type or "server_error"
-        message = script.error_message or _INBAND_OPENAI_MESSAGE
+        message = (script.error_message or _INBAND_OPENAI_MESSAGE) + echo
         failed: dict[str, Any] = {
             "id": "resp_" + _rand_id(24),
             "object": "response",

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
+import itertools
 import json
+import math
 import struct
+import urllib.parse
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import anthropic
@@ -726,3 +732,527 @@ async def test_gap_keeps_events_apart(
     record = provider.records[0]
     assert record.first_byte_at is not None
     assert record.first_byte_at > record.started_at
+
+
+# ---- new script parameters: round trip ----------------------------------------------------
+
+
+def test_new_parameters_round_trip_and_validate() -> None:
+    script = FakeScript(
+        raw_status=101, content_encoding="gzip", echo_key=True, omit_done=True, event_bytes=4096
+    )
+    headers = script.to_headers()
+    assert headers == {
+        "x-fake-raw-status": "101",
+        "x-fake-content-encoding": "gzip",
+        "x-fake-echo-key": "true",
+        "x-fake-omit-done": "true",
+        "x-fake-event-bytes": "4096",
+    }
+    assert parse_script({k.removeprefix("x-fake-"): v for k, v in headers.items()}) == script
+    assert parse_script({"content_encoding": "DEFLATE"}).content_encoding == "deflate"
+    assert parse_script({"content-encoding": "none"}, script).content_encoding is None
+    assert parse_script({"raw_status": 999, "event_bytes": 64 * 1024 * 1024}).raw_status == 999
+    bad = (
+        ("raw_status", "99"),
+        ("raw_status", 1000),
+        ("content_encoding", "br"),
+        ("echo_key", "maybe"),
+        ("omit_done", 2),
+        ("event_bytes", -1),
+        ("event_bytes", 64 * 1024 * 1024 + 1),
+    )
+    for name, value in bad:
+        with pytest.raises(ScriptError, match=f"'{name}'"):
+            parse_script({name: value})
+
+
+# ---- Anthropic usage shape --------------------------------------------------------------------
+
+
+def _sse_data(data: bytes) -> list[dict[str, Any]]:
+    return [
+        json.loads(line.removeprefix(b"data: "))
+        for line in data.splitlines()
+        if line.startswith(b"data: {")
+    ]
+
+
+async def test_anthropic_usage_has_the_shape_of_the_real_api(
+    http: aiohttp.ClientSession, url: str
+) -> None:
+    recorded = _sse_data(
+        _expected_replay("anthropic-messages/anthropic-text", 0)  # a live recording
+    )
+    real_message = recorded[0]["message"]
+    real_delta = next(e for e in recorded if e["type"] == "message_delta")
+    body = {
+        "model": "fake-claude@chunks=4",
+        "max_tokens": 100,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Hello, Claude"}],
+    }
+    async with http.post(url + "/v1/messages", json=body, headers=ANT_HEADERS) as resp:
+        events = _sse_data(await resp.read())
+    message = events[0]["message"]
+    delta = next(e for e in events if e["type"] == "message_delta")
+    assert set(message) == set(real_message)
+    assert list(message["usage"]) == list(real_message["usage"])
+    assert list(message["usage"]["cache_creation"]) == list(real_message["usage"]["cache_creation"])
+    assert list(delta) == list(real_delta)
+    assert list(delta["usage"]) == list(real_delta["usage"])
+    assert delta["usage"] == {
+        "input_tokens": 4,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 4,
+    }
+
+    async with http.post(
+        url + "/v1/messages", json={**body, "stream": False}, headers=ANT_HEADERS
+    ) as resp:
+        answer = await resp.json()
+    assert set(answer) == set(real_message)
+    assert list(answer["usage"]) == list(real_message["usage"])
+    assert (answer["usage"]["input_tokens"], answer["usage"]["output_tokens"]) == (4, 4)
+
+
+# ---- raw_status -------------------------------------------------------------------------------
+
+
+async def _raw_request(
+    url: str, path: str, headers: dict[str, str], body: dict[str, Any]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send one HTTP/1.1 request on a plain socket, to see exactly what comes back."""
+    target = urllib.parse.urlsplit(url)
+    reader, writer = await asyncio.open_connection(target.hostname, target.port)
+    payload = json.dumps(body).encode()
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {target.netloc}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(payload)}",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + payload)
+    await writer.drain()
+    return reader, writer
+
+
+def _split_response(data: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    fields = dict(line.split(b": ", 1) for line in lines)
+    return status, fields, body
+
+
+async def test_raw_101_holds_the_connection_until_the_client_goes_away(
+    url: str, provider: FakeProvider
+) -> None:
+    headers = {**OAI_HEADERS, "x-fake-raw-status": "101"}
+    reader, writer = await _raw_request(
+        url, "/v1/chat/completions", headers, {**CHAT_BODY, "stream": True}
+    )
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head == (
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        (record,) = provider.records
+        assert (record.status, record.outcome, record.completed) == (101, "pending", False)
+        # Nothing else comes: no final response and no close.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.2)
+        assert provider.open_streams == 1
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    await provider.wait_until(lambda: record.disconnected, timeout=2.0)
+    assert record.outcome == "disconnected"
+    assert record.sent == b""
+    assert provider.open_streams == 0
+    assert provider.stats()["by_status"] == {"101": 1}
+
+
+async def test_raw_other_1xx_is_sent_alone_then_held(url: str, provider: FakeProvider) -> None:
+    for status, line in ((103, b"HTTP/1.1 103 Early Hints"), (100, b"HTTP/1.1 100 Continue")):
+        body = {"model": f"fake-claude@raw_status={status}", "max_tokens": 5, "messages": []}
+        reader, writer = await _raw_request(url, "/v1/messages", ANT_HEADERS, body)
+        try:
+            assert await reader.readuntil(b"\r\n\r\n") == line + b"\r\n\r\n"
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(1), 0.2)
+            record = provider.records[-1]
+            assert record.status == status
+            assert not record.completed
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        await provider.wait_until(lambda rec=record: rec.disconnected, timeout=2.0)
+        assert record.outcome == "disconnected"
+
+
+async def test_raw_final_status_sends_an_error_body_and_closes(
+    url: str, provider: FakeProvider
+) -> None:
+    reader, writer = await _raw_request(
+        url, "/v1/chat/completions", OAI_HEADERS, {**CHAT_BODY, "model": "fake-gpt@raw_status=600"}
+    )
+    try:
+        data = await reader.read()  # up to the end of the stream: the fake closes
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status, fields, body = _split_response(data)
+    assert status == b"HTTP/1.1 600 Unknown Status"
+    assert fields[b"content-type"] == b"application/json"
+    assert int(fields[b"content-length"]) == len(body)
+    assert fields[b"connection"] == b"close"
+    assert fields[b"x-request-id"].startswith(b"req_")
+    assert json.loads(body) == {
+        "error": {"message": "Error.", "type": "server_error", "param": None, "code": None}
+    }
+    record = provider.records[0]
+    assert (record.status, record.outcome, record.completed) == (600, "error_status", True)
+    assert record.sent == body
+
+    headers = {**ANT_HEADERS, "x-fake-retry-after": "3", "x-fake-echo-key": "1"}
+    body_in = {"model": "fake-claude@raw_status=999", "max_tokens": 5, "messages": []}
+    reader, writer = await _raw_request(url, "/v1/messages", headers, body_in)
+    try:
+        data = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status, fields, body = _split_response(data)
+    assert status == b"HTTP/1.1 999 Unknown Status"
+    assert fields[b"retry-after"] == b"3"
+    answer = json.loads(body)
+    assert answer["error"] == {
+        "type": "api_error",
+        "message": f"Error. (api key: {ANTHROPIC_KEY})",
+    }
+    assert answer["request_id"] == fields[b"request-id"].decode()
+    assert provider.records[1].outcome == "error_status"
+
+
+async def test_raw_final_statuses_parse_in_a_strict_client(
+    http: aiohttp.ClientSession, url: str, provider: FakeProvider
+) -> None:
+    for status in (200, 503, 600):
+        headers = {**OAI_HEADERS, "x-fake-raw-status": str(status), "x-fake-status": "429"}
+        body = {**CHAT_BODY, "stream": True}
+        async with http.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
+            assert resp.status == status  # raw_status wins over status
+            assert resp.headers["Content-Type"] == "application/json"
+            error = (await resp.json())["error"]
+        assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+        assert provider.records[-1].status == status
+    async with http.post(
+        url + "/v1/chat/completions",
+        json=CHAT_BODY,
+        headers={**OAI_HEADERS, "x-fake-raw-status": "99"},
+    ) as resp:
+        assert resp.status == 400
+        assert "'raw_status'" in (await resp.json())["error"]["message"]
+
+
+# ---- content_encoding -------------------------------------------------------------------------
+
+
+async def test_gzip_non_stream_body_and_deflate_error_status(
+    oai: openai.AsyncOpenAI, url: str, provider: FakeProvider
+) -> None:
+    completion = await oai.chat.completions.create(
+        model="fake-gpt@content_encoding=gzip", messages=[{"role": "user", "content": "Hi"}]
+    )
+    assert completion.choices[0].message.content == "".join(fake_tokens(8))
+    sent = bytes(provider.records[0].sent)
+    assert sent.startswith(b"\x1f\x8b")
+    assert json.loads(gzip.decompress(sent))["choices"][0]["message"]["content"] == "".join(
+        fake_tokens(8)
+    )
+
+    headers = {
+        **OAI_HEADERS,
+        "Accept-Encoding": "identity",
+        "x-fake-content-encoding": "deflate",
+        "x-fake-status": "429",
+    }
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as raw,
+        raw.post(url + "/v1/chat/completions", json=CHAT_BODY, headers=headers) as resp,
+    ):
+        assert resp.status == 429
+        assert resp.headers["Content-Encoding"] == "deflate"
+        data = await resp.read()
+    assert int(resp.headers["Content-Length"]) == len(data)
+    assert provider.records[1].headers["accept-encoding"] == "identity"
+    assert data == provider.records[1].sent
+    assert json.loads(zlib.decompress(data))["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_compressed_stream_is_flushed_event_by_event(
+    url: str, provider: FakeProvider
+) -> None:
+    body = {**CHAT_BODY, "model": "fake-gpt@chunks=3,gap_ms=30,content_encoding=gzip"}
+    arrivals: list[bytes] = []
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as raw,
+        raw.post(
+            url + "/v1/chat/completions",
+            json={**body, "stream": True},
+            headers={**OAI_HEADERS, "Accept-Encoding": "identity"},
+        ) as resp,
+    ):
+        assert resp.headers["Content-Encoding"] == "gzip"
+        async for piece in resp.content.iter_any():
+            arrivals.append(piece)
+    assert b"".join(arrivals) == provider.records[0].sent
+    decoder = zlib.decompressobj(wbits=31)
+    decoded = [decoder.decompress(piece) for piece in arrivals]
+    # Every read decodes on its own into whole events (or is the gzip trailer alone).
+    assert all(d == b"" or d.endswith(b"\n\n") for d in decoded)
+    assert decoded[0].startswith(b"data: {")
+    assert sum(1 for d in decoded if d) >= 4  # six events 30 ms apart; margin for merges
+    assert decoder.eof  # the encoding was finished
+    text = b"".join(decoded)
+    assert text.count(b"\n\n") == 6  # role, 3 content, finish, [DONE]
+    assert text.endswith(b"data: [DONE]\n\n")
+
+
+async def test_compressed_stream_endings_finish_the_encoding(
+    http: aiohttp.ClientSession, url: str, provider: FakeProvider
+) -> None:
+    body = {"model": "fake-claude@chunks=3", "max_tokens": 10, "stream": True, "messages": []}
+    cases = (
+        ({"x-fake-content-encoding": "deflate", "x-fake-error-after": "1"}, "error_event"),
+        ({"x-fake-content-encoding": "gzip", "x-fake-truncate-after": "2"}, "truncated"),
+    )
+    for script, outcome in cases:
+        async with http.post(
+            url + "/v1/messages", json=body, headers={**ANT_HEADERS, **script}
+        ) as resp:
+            assert resp.headers["Content-Encoding"] == script["x-fake-content-encoding"]
+            plain = await resp.read()  # aiohttp decodes it by default
+        record = provider.records[-1]
+        assert record.outcome == outcome
+        decoder = zlib.decompressobj(wbits=47)  # zlib or gzip, by header
+        assert decoder.decompress(bytes(record.sent)) == plain
+        assert decoder.eof
+    assert plain.count(b"event: content_block_delta") == 2
+
+
+# ---- echo_key ---------------------------------------------------------------------------------
+
+
+async def test_echo_key_in_error_bodies_and_events(
+    http: aiohttp.ClientSession, url: str, provider: FakeProvider
+) -> None:
+    echo_oai = f" (api key: {OPENAI_KEY})"
+    echo_ant = f" (api key: {ANTHROPIC_KEY})"
+    headers = {**OAI_HEADERS, "x-fake-status": "401", "x-fake-echo-key": "true"}
+    async with http.post(url + "/v1/chat/completions", json=CHAT_BODY, headers=headers) as resp:
+        assert (await resp.json())["error"]["message"] == "Incorrect API key provided." + echo_oai
+    body = {"model": "fake-claude@status=529,echo_key=1,error_message=busy", "messages": []}
+    async with http.post(url + "/v1/messages", json=body, headers=ANT_HEADERS) as resp:
+        assert (await resp.json())["error"]["message"] == "busy" + echo_ant
+
+    chat = {**CHAT_BODY, "model": "fake-gpt@error_after=1,echo_key=true", "stream": True}
+    async with http.post(url + "/v1/chat/completions", json=chat, headers=OAI_HEADERS) as resp:
+        events = _sse_data(await resp.read())
+    assert events[-1]["error"]["message"].endswith("Sorry about that!" + echo_oai)
+
+    messages = {"model": "fake-claude@error_after=1,echo_key=true", "stream": True}
+    async with http.post(
+        url + "/v1/messages", json={**messages, "messages": []}, headers=ANT_HEADERS
+    ) as resp:
+        events = _sse_data(await resp.read())
+    assert events[-1]["error"] == {"type": "overloaded_error", "message": "Overloaded" + echo_ant}
+
+    responses = {"model": "fake-gpt@error_after=1,echo_key=true", "input": "Hi", "stream": True}
+    async with http.post(url + "/v1/responses", json=responses, headers=OAI_HEADERS) as resp:
+        events = _sse_data(await resp.read())
+    error, failed = events[-2:]
+    assert error["message"].endswith(echo_oai)
+    assert failed["response"]["error"]["message"] == error["message"]
+
+    replay = {**ANT_HEADERS, "x-fake-replay": "anthropic-messages/anthropic-text"}
+    replay |= {"x-fake-error-after": "3", "x-fake-echo-key": "1"}
+    async with http.post(url + "/v1/messages", json={"model": "m"}, headers=replay) as resp:
+        assert _sse_data(await resp.read())[-1]["error"]["message"] == "Overloaded" + echo_ant
+
+    # Off by default: no answer carries the key.
+    async with http.post(
+        url + "/v1/chat/completions",
+        json={**CHAT_BODY, "model": "fake-gpt@status=401"},
+        headers=OAI_HEADERS,
+    ) as resp:
+        assert resp.status == 401
+    assert OPENAI_KEY.encode() not in provider.records[-1].sent
+
+
+async def test_echo_key_in_non_stream_answer_text(
+    http: aiohttp.ClientSession, url: str, provider: FakeProvider
+) -> None:
+    text = "".join(fake_tokens(3))
+    model = "fake-gpt@chunks=3,echo_key=1"
+    echo_oai = f" (api key: {OPENAI_KEY})"
+    async with http.post(
+        url + "/v1/chat/completions", json={**CHAT_BODY, "model": model}, headers=OAI_HEADERS
+    ) as resp:
+        assert (await resp.json())["choices"][0]["message"]["content"] == text + echo_oai
+    async with http.post(
+        url + "/v1/completions", json={"model": model, "prompt": "Hi"}, headers=OAI_HEADERS
+    ) as resp:
+        assert (await resp.json())["choices"][0]["text"] == text + echo_oai
+    async with http.post(
+        url + "/v1/responses", json={"model": model, "input": "Hi"}, headers=OAI_HEADERS
+    ) as resp:
+        output = (await resp.json())["output"][0]["content"][0]
+    assert output["text"] == text + echo_oai
+    body = {"model": "fake-claude@chunks=3,echo_key=1", "max_tokens": 9, "messages": []}
+    async with http.post(url + "/v1/messages", json=body, headers=ANT_HEADERS) as resp:
+        answer = await resp.json()
+    assert answer["content"][0]["text"] == f"{text} (api key: {ANTHROPIC_KEY})"
+    assert answer["usage"]["output_tokens"] == 3
+
+    # Streamed content and tool-call answers do not carry it.
+    async with http.post(
+        url + "/v1/chat/completions",
+        json={**CHAT_BODY, "model": model, "stream": True},
+        headers=OAI_HEADERS,
+    ) as resp:
+        await resp.read()
+    async with http.post(
+        url + "/v1/chat/completions",
+        json={**CHAT_BODY, "model": model + ",tool=1"},
+        headers=OAI_HEADERS,
+    ) as resp:
+        await resp.read()
+    assert all(OPENAI_KEY.encode() not in r.sent for r in provider.records[-2:])
+
+
+# ---- omit_done --------------------------------------------------------------------------------
+
+
+async def test_omit_done_ends_cleanly_without_the_end_marker(
+    http: aiohttp.ClientSession, url: str, provider: FakeProvider
+) -> None:
+    chat = {
+        **CHAT_BODY,
+        "model": "fake-gpt@chunks=2,omit_done=1",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with http.post(url + "/v1/chat/completions", json=chat, headers=OAI_HEADERS) as resp:
+        data = await resp.read()
+    assert b"[DONE]" not in data
+    events = _sse_data(data)
+    assert len(events) == 5  # role, 2 content, finish, usage
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert events[-1]["usage"]["completion_tokens"] == 2
+    assert provider.records[-1].outcome == "complete"
+
+    completions = {"model": "fake-gpt@chunks=2,omit_done=1", "prompt": "Hi", "stream": True}
+    async with http.post(url + "/v1/completions", json=completions, headers=OAI_HEADERS) as resp:
+        data = await resp.read()
+    assert b"[DONE]" not in data
+    assert _sse_data(data)[-1]["choices"][0]["finish_reason"] == "stop"
+
+    messages = {"model": "fake-claude@chunks=2,omit_done=1", "max_tokens": 9, "stream": True}
+    async with http.post(
+        url + "/v1/messages", json={**messages, "messages": []}, headers=ANT_HEADERS
+    ) as resp:
+        data = await resp.read()
+    assert b"message_stop" not in data
+    assert data.endswith(b"\n\n")
+    assert _sse_data(data)[-1]["type"] == "message_delta"
+
+    responses = {"model": "fake-gpt@chunks=2,omit_done=1", "input": "Hi", "stream": True}
+    async with http.post(url + "/v1/responses", json=responses, headers=OAI_HEADERS) as resp:
+        data = await resp.read()
+    kinds = [e["type"] for e in _sse_data(data)]
+    assert kinds[-1] == "response.output_item.done"
+    assert "response.completed" not in kinds
+    assert provider.records[-1].outcome == "complete"
+
+    for name, marker in (
+        ("openai-chat/openai-text", b"data: [DONE]\n\n"),
+        ("anthropic-messages/anthropic-text", b"event: message_stop\n"),
+    ):
+        path, headers = _replay_target(name)
+        script = {"x-fake-replay": name, "x-fake-omit-done": "true"}
+        async with http.post(url + path, json={"model": "m"}, headers={**headers, **script}) as r:
+            data = await r.read()
+        expected = _expected_replay(name, 0)
+        cut = expected.rindex(marker)
+        assert data == expected[:cut], name
+
+
+# ---- event_bytes ------------------------------------------------------------------------------
+
+
+async def test_event_bytes_pads_the_first_content_event(
+    http: aiohttp.ClientSession, url: str, provider: FakeProvider
+) -> None:
+    size = 1_000_000
+    body = {**CHAT_BODY, "model": f"fake-gpt@chunks=3,event_bytes={size}", "stream": True}
+    reads: list[bytes] = []
+    async with http.post(url + "/v1/chat/completions", json=body, headers=OAI_HEADERS) as resp:
+        async for piece in resp.content.iter_any():
+            reads.append(piece)
+    data = b"".join(reads)
+    events = [e + b"\n\n" for e in data.split(b"\n\n")[:-1]]
+    big = events[1]
+    assert len(big) == size
+    assert big.count(b"\n") == 2  # one data: line and the blank line
+    content = json.loads(big.removeprefix(b"data: "))["choices"][0]["delta"]["content"]
+    assert content == fake_tokens(1)[0] + "x" * (len(content) - len(fake_tokens(1)[0]))
+    assert [len(e) < 1000 for e in events] == [True, False, True, True, True, True]
+    # Written in pieces of at most 64 KiB, and read in many reads.
+    record = provider.records[0]
+    assert record.writes >= math.ceil(size / 65536) + 5
+    start = len(events[0])
+    offsets = list(itertools.accumulate(len(r) for r in reads))
+    reads_in_event = sum(
+        1
+        for end, r in zip(offsets, reads, strict=True)
+        if end > start and end - len(r) < start + size
+    )
+    assert reads_in_event >= 2
+
+
+async def test_event_bytes_per_api_and_below_the_natural_size(
+    http: aiohttp.ClientSession, url: str
+) -> None:
+    size = 100_000
+    body = {"model": f"fake-claude@line_ending=crlf,event_bytes={size}", "stream": True}
+    async with http.post(
+        url + "/v1/messages", json={**body, "max_tokens": 5, "messages": []}, headers=ANT_HEADERS
+    ) as resp:
+        data = await resp.read()
+    events = [e + b"\r\n\r\n" for e in data.split(b"\r\n\r\n")[:-1]]
+    deltas = [e for e in events if e.startswith(b"event: content_block_delta")]
+    assert [len(e) for e in deltas][:1] == [size]
+    assert all(len(e) < 1000 for e in deltas[1:])
+
+    responses = {"model": f"fake-gpt@event_bytes={size}", "input": "Hi", "stream": True}
+    async with http.post(url + "/v1/responses", json=responses, headers=OAI_HEADERS) as resp:
+        data = await resp.read()
+    events = [e + b"\n\n" for e in data.split(b"\n\n")[:-1]]
+    delta = next(e for e in events if e.startswith(b"event: response.output_text.delta"))
+    assert len(delta) == size
+    final = _sse_data(events[-1])[0]
+    assert final["type"] == "response.completed"
+    assert len(final["response"]["output"][0]["content"][0]["text"]) > size - 1000
+
+    tool = {**CHAT_BODY, "model": f"fake-gpt@tool=1,event_bytes={size}", "stream": True}
+    async with http.post(url + "/v1/chat/completions", json=tool, headers=OAI_HEADERS) as resp:
+        data = await resp.read()
+    assert len(data.split(b"\n\n")[1]) + 2 == size
+
+    small = {**CHAT_BODY, "model": "fake-gpt@chunks=2,event_bytes=10", "stream": True}
+    async with http.post(url + "/v1/chat/completions", json=small, headers=OAI_HEADERS) as resp:
+        events_small = _sse_data(await resp.read())
+    assert [e["choices"][0]["delta"].get("content") for e in events_small[1:3]] == fake_tokens(2)
