@@ -12,13 +12,11 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.appkeys import RUNTIME
-from gateway.config import ConfigError, build_runtime, load_config
+from gateway.config import ConfigError, build_runtime
+from gateway.config.loader import ConfigWarning, load_config_checked
 from gateway.config.runtime import Runtime
 from gateway.logs import configure_logging, get_logger
-
-
-def _load(path: str) -> Runtime:
-    return build_runtime(load_config(path))
+from gateway.state import HealthStore
 
 
 def _install_uvloop() -> None:
@@ -57,7 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.serving import header_field_limit, make_runner, serve  # noqa: PLC0415
 
     try:
-        config = load_config(args.config)
+        loaded = load_config_checked(args.config)
+        config = loaded.config
         if config.server.workers > 1 and not args.worker:
             # Each worker builds its own state (connections, Redis clients) after it starts.
             return _supervise(args, config.server.workers)
@@ -68,14 +67,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(runtime.telemetry.log_format, runtime.telemetry.log_level)
     log = get_logger("gateway")
+
+    def log_warnings(warnings: tuple[ConfigWarning, ...]) -> None:
+        for w in warnings:  # where, never the value
+            log.warning(
+                "config warning", file=w.source, line=w.line, key_path=w.key_path, problem=w.message
+            )
+
+    log_warnings(loaded.warnings)
     app = create_app(runtime, limiter)
 
     async def on_startup(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
 
         reloading: set[asyncio.Task[None]] = set()
+        # Reloads run one at a time, in signal order; `latest` lets a reload that a newer
+        # SIGHUP has overtaken while it waited skip its read (the newer one reads the file).
+        one_at_a_time = asyncio.Lock()
+        latest = 0
 
-        async def apply(new: Runtime) -> None:
+        def load(health: HealthStore) -> tuple[Runtime, tuple[ConfigWarning, ...]]:
+            # In a worker thread: reading, parsing and compiling a large file takes seconds.
+            fresh = load_config_checked(args.config)
+            return build_runtime(fresh.config, health=health), fresh.warnings
+
+        async def apply(new: Runtime, load_s: float) -> None:
             old = app[RUNTIME].current
             if new.config.auth.jwt != old.config.auth.jwt:
                 try:
@@ -84,20 +100,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     log.error("config reload rejected", error=f"auth.jwt: {exc}")
                     return
             app[RUNTIME].current = new
-            log.info("config reloaded", models=len(new.routes), providers=len(new.providers))
+            log.info(
+                "config reloaded",
+                models=len(new.routes),
+                providers=len(new.providers),
+                load_s=round(load_s, 3),
+            )
 
-        def reload() -> None:
+        async def reload(generation: int) -> None:
             # A bad file leaves the running config in place, whole; the log says why.
-            try:
-                new = build_runtime(load_config(args.config), health=app[RUNTIME].current.health)
-            except ConfigError as exc:
-                log.error("config reload rejected", error=str(exc))
-                return
-            task = loop.create_task(apply(new), name="config-reload")
+            async with one_at_a_time:
+                if generation != latest:
+                    return
+                started = loop.time()
+                try:
+                    new, warnings = await asyncio.to_thread(load, app[RUNTIME].current.health)
+                except ConfigError as exc:
+                    log.error("config reload rejected", error=str(exc))
+                    return
+                except Exception as exc:  # a bug, not a bad file: the old config stays too
+                    log.error("config reload rejected", error=f"unexpected {type(exc).__name__}")
+                    return
+                log_warnings(warnings)
+                await apply(new, loop.time() - started)
+
+        def on_sighup() -> None:
+            nonlocal latest
+            latest += 1
+            task = loop.create_task(reload(latest), name="config-reload")
             reloading.add(task)
             task.add_done_callback(reloading.discard)
 
-        loop.add_signal_handler(signal.SIGHUP, reload)
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
     app.on_startup.append(on_startup)
     if not args.no_uvloop:
@@ -119,10 +153,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        runtime = _load(args.config)
+        loaded = load_config_checked(args.config)
+        runtime = build_runtime(loaded.config)
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    for warning in loaded.warnings:
+        print(f"gateway: warning: {warning}", file=sys.stderr)
     print(
         f"{args.config}: OK ({len(runtime.routes)} models, {len(runtime.providers)} providers, "
         f"{len(runtime.callers)} API keys)"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import orjson
 import pytest
 import yaml
 
-from tests.support import CALLER_KEY, Fake, base_config
+from tests.support import CALLER_KEY, UPSTREAM_KEYS, Fake, base_config
 
 ROOT = Path(__file__).parents[1]
 
@@ -79,6 +81,77 @@ def test_check_config_never_prints_secrets(tmp_path: Path) -> None:
     assert "sk-very-secret-value-123" not in result.stderr + result.stdout
 
 
+DEEP = "[" * 5000 + "]" * 5000
+LEAK = "sk-cli-inline-leak-5d1e8b"
+
+
+def test_check_config_rejects_deep_nesting_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    text = yaml.safe_dump(base_config("http://127.0.0.1:1")) + f"deep: {DEEP}\n"
+    path.write_text(text)
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    line = len(text.splitlines())
+    assert result.stderr == f"gateway: {path}:{line}: nested too deeply (more than 64 levels)\n"
+    assert result.stdout == ""
+
+
+def test_check_config_yaml_error_names_where_but_never_quotes_the_line(tmp_path: Path) -> None:
+    good = yaml.safe_dump(base_config("http://127.0.0.1:1"))
+    assert f"secret: {UPSTREAM_KEYS[0]}\n" in good
+    text = good.replace(f"secret: {UPSTREAM_KEYS[0]}\n", f'secret: "{LEAK}\n')  # never closed
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    line = next(i + 1 for i, t in enumerate(text.splitlines()) if LEAK in t)
+    column = text.splitlines()[line - 1].index('"') + 1
+    assert result.stderr == (
+        f"gateway: {path}: invalid YAML: line {len(text.splitlines()) + 1}, column 1, "
+        "in providers.oa.keys[0].secret: found unexpected end of stream "
+        f"(while scanning a quoted scalar at line {line}, column {column})\n"
+    )
+    assert LEAK not in result.stderr + result.stdout
+
+
+def test_check_config_warns_about_inline_secrets_and_still_passes(tmp_path: Path) -> None:
+    config = base_config("http://127.0.0.1:1")
+    config["providers"]["oa"]["keys"][1]["secret"] = "${OA_KEY_2}"
+    config["providers"]["oa"]["headers"] = {"OpenAI-Organization": "org-inline-3"}
+    config["auth"]["jwt"] = {
+        "issuer": "https://idp.test/",
+        "audience": "gw",
+        "algorithms": ["HS256"],
+        "secret": "jwt-inline-secret-of-at-least-32-bytes-cli",
+    }
+    config["state"] = {"redis_url": "redis://:hunter2-inline@127.0.0.1:6379/0"}
+    path = tmp_path / "inline.yaml"
+    text = yaml.safe_dump(config, sort_keys=False)
+    path.write_text(text)
+    result = run_cli("check-config", str(path), env={"OA_KEY_2": "sk-from-the-env-2"})
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+    def line(needle: str) -> int:
+        return next(i + 1 for i, t in enumerate(text.splitlines()) if needle in t)
+
+    assert result.stderr.splitlines() == [
+        f"gateway: warning: {path}:{line(UPSTREAM_KEYS[0])}: providers.oa.keys[0].secret: "
+        "secret written inline (use ${ENV_VAR})",
+        f"gateway: warning: {path}:{line('OpenAI-Organization')}: "
+        "providers.oa.headers.OpenAI-Organization: "
+        "header value written inline (use ${ENV_VAR} if it is a secret)",
+        f"gateway: warning: {path}:{line('sk-ant-test')}: providers.an.keys[0].secret: "
+        "secret written inline (use ${ENV_VAR})",
+        f"gateway: warning: {path}:{line('jwt-inline')}: auth.jwt.secret: "
+        "secret written inline (use ${ENV_VAR})",
+        f"gateway: warning: {path}:{line('redis_url')}: state.redis_url: "
+        "password written inline in the URL (use ${ENV_VAR})",
+    ]
+    for value in (*UPSTREAM_KEYS, "org-inline-3", "jwt-inline-secret", "hunter2"):
+        assert value not in result.stderr + result.stdout
+
+
 class Served:
     def __init__(self, proc: subprocess.Popen[bytes], url: str, config: Path) -> None:
         self.proc = proc
@@ -122,11 +195,15 @@ async def served(fake: Fake, tmp_path: Path) -> AsyncIterator[Served]:
 
 
 async def _models(url: str) -> list[str]:
+    """Every model the caller may use: each API lists its own, so both lists together."""
+    ids: list[str] = []
     async with aiohttp.ClientSession() as session:
-        async with session.get(
-            url + "/v1/models", headers={"authorization": f"Bearer {CALLER_KEY}"}
-        ) as resp:
-            return sorted(m["id"] for m in (await resp.json())["data"])
+        for extra in ({}, {"anthropic-version": "2023-06-01"}):
+            async with session.get(
+                url + "/v1/models", headers={"authorization": f"Bearer {CALLER_KEY}", **extra}
+            ) as resp:
+                ids += [m["id"] for m in (await resp.json())["data"]]
+    return sorted(ids)
 
 
 async def test_healthcheck_command(served: Served) -> None:
@@ -273,3 +350,140 @@ async def test_workers_share_the_port_and_drain_together(fake: Fake, tmp_path: P
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _log_lines(served: Served) -> list[dict[str, Any]]:
+    text = (served.config.parent / "gateway.log").read_text()
+    return [orjson.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def _events(served: Served, event: str) -> list[dict[str, Any]]:
+    return [line for line in _log_lines(served) if line.get("event") == event]
+
+
+async def _wait_for(served: Served, event: str, count: int = 1, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_events(served, event)) < count:
+        assert served.proc.poll() is None
+        assert time.monotonic() < deadline, f"no {event!r} in the log"
+        await asyncio.sleep(0.05)
+
+
+async def test_serve_logs_inline_secrets_by_key_path_never_the_value(served: Served) -> None:
+    warnings = _events(served, "config warning")
+    assert sorted(w["key_path"] for w in warnings) == [
+        "providers.an.keys[0].secret",
+        "providers.oa.keys[0].secret",
+        "providers.oa.keys[1].secret",
+    ]
+    text = served.config.read_text()
+    for w in warnings:
+        assert w["level"] == "warning"
+        assert w["file"] == str(served.config)
+        assert w["problem"] == "secret written inline (use ${ENV_VAR})"
+        assert text.splitlines()[w["line"] - 1].strip().startswith("secret:")
+    log = (served.config.parent / "gateway.log").read_text()
+    for secret in UPSTREAM_KEYS:
+        assert secret not in log
+
+
+async def test_sighup_with_a_deeply_nested_file_keeps_the_old_config(served: Served) -> None:
+    before = await _models(served.url)
+    good = served.config.read_text()
+    served.config.write_text(good + f"deep: {DEEP}\n")
+    served.proc.send_signal(signal.SIGHUP)
+    await _wait_for(served, "config reload rejected")
+    await asyncio.sleep(0.2)
+    assert served.proc.poll() is None
+    assert await _models(served.url) == before
+    (rejected,) = _events(served, "config reload rejected")
+    line = len(good.splitlines()) + 1
+    assert rejected["error"] == (f"{served.config}:{line}: nested too deeply (more than 64 levels)")
+    log = (served.config.parent / "gateway.log").read_text()
+    assert "Traceback" not in log
+    assert "RecursionError" not in log
+
+
+BULK_KEYS = 40_000  # about 3.7 MiB of YAML: seconds of parsing in pure-Python PyYAML
+
+
+def _bulk_caller(i: int) -> str:
+    return f"gw-bulk-caller-{i:06d}"
+
+
+def _with_bulk_keys(config: dict[str, Any], model: str) -> str:
+    config = {**config, "auth": {**config["auth"]}, "models": {**config["models"]}}
+    config["auth"]["api_keys"] = [
+        *config["auth"]["api_keys"],
+        *(
+            {"id": f"bulk-{i:06d}", "sha256": hashlib.sha256(_bulk_caller(i).encode()).hexdigest()}
+            for i in range(BULK_KEYS)
+        ),
+    ]
+    config["models"][model] = [{"provider": "oa", "model": "fake-gpt"}]
+    # The C emitter when there is one: the pure-Python one takes seconds for this.
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    text: str = yaml.dump(config, Dumper=dumper)
+    assert len(text) < 4 * 1024 * 1024  # the loader's cap
+    return text
+
+
+async def _status(url: str, key: str) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + "/v1/models", headers={"authorization": f"Bearer {key}"}) as r:
+            return r.status
+
+
+@pytest.mark.timeout(180)
+async def test_sighup_parses_a_large_file_off_the_event_loop(served: Served) -> None:
+    config: dict[str, Any] = yaml.safe_load(served.config.read_text())
+    served.config.write_text(_with_bulk_keys(config, "gpt-bulk"))
+    latencies: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        sent = time.monotonic()
+        served.proc.send_signal(signal.SIGHUP)
+        while not _events(served, "config reloaded"):
+            assert served.proc.poll() is None
+            assert time.monotonic() - sent < 120, "the reload did not finish"
+            start = time.monotonic()
+            async with session.get(served.url + "/healthz") as resp:
+                assert resp.status == 200
+            latencies.append(time.monotonic() - start)
+            await asyncio.sleep(0.02)
+        applied_after = time.monotonic() - sent
+    (reloaded,) = _events(served, "config reloaded")
+    latencies.sort()
+    print(
+        f"\nreload: load_s={reloaded['load_s']} (in the gateway), {applied_after:.2f} s from "
+        f"SIGHUP to its log line; /healthz during it: {len(latencies)} answers, "
+        f"median {latencies[len(latencies) // 2] * 1000:.1f} ms, "
+        f"max {latencies[-1] * 1000:.1f} ms"
+    )
+    # The parse must take long enough for the check to mean something, and /healthz must
+    # answer throughout, each answer far quicker than the parse.
+    assert reloaded["load_s"] >= 1.0
+    assert len(latencies) >= 10
+    assert latencies[-1] < 0.5
+    assert "gpt-bulk" in await _models(served.url)
+    assert await _status(served.url, _bulk_caller(BULK_KEYS - 1)) == 200
+
+
+@pytest.mark.timeout(180)
+async def test_overlapping_sighups_apply_in_signal_order(served: Served) -> None:
+    config: dict[str, Any] = yaml.safe_load(served.config.read_text())
+    served.config.write_text(_with_bulk_keys(config, "gpt-first"))
+    served.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.5)
+    # The large file is still being parsed; a small one and a second SIGHUP arrive.
+    assert not _events(served, "config reloaded")
+    config["models"]["gpt-second"] = [{"provider": "oa", "model": "fake-gpt"}]
+    served.config.write_text(yaml.safe_dump(config))
+    served.proc.send_signal(signal.SIGHUP)
+    await _wait_for(served, "config reloaded", count=2, timeout=120)
+    await asyncio.sleep(0.3)
+    reloads = _events(served, "config reloaded")
+    assert len(reloads) == 2
+    models = await _models(served.url)
+    assert "gpt-second" in models
+    assert "gpt-first" not in models
+    assert await _status(served.url, _bulk_caller(0)) == 401

@@ -17,6 +17,12 @@ from gateway.config import (
     load_config,
     load_config_text,
 )
+from gateway.config.loader import (
+    ConfigWarning,
+    LoadedConfig,
+    load_config_checked,
+    load_config_text_checked,
+)
 from gateway.config.runtime import Timeouts
 from gateway.errors import ApiFamily
 
@@ -161,6 +167,205 @@ def test_top_level_must_be_a_mapping(text: str) -> None:
 def test_invalid_yaml_is_a_config_error() -> None:
     message = error_of("providers: [unclosed\n")
     assert message.startswith("test.yaml: invalid YAML:")
+
+
+LEAK = "sk-inline-leak-7f3a9c2e"  # on the broken line of each syntax error below
+
+
+def block_key(lines: str) -> str:
+    """MINIMAL with its upstream key written as a block mapping of `lines`."""
+    return MINIMAL.replace(f"      - {{id: oa-1, secret: {SECRET_ONE}}}\n", lines)
+
+
+def test_yaml_syntax_error_names_line_column_and_key_path_never_the_line() -> None:
+    text = block_key(f'      - id: oa-1\n        secret: "{LEAK}\n')  # the quote is never closed
+    assert error_of(text) == (
+        f"test.yaml: invalid YAML: line {len(text.splitlines()) + 1}, column 1, "
+        "in providers.oa.keys[0].secret: found unexpected end of stream "
+        f"(while scanning a quoted scalar at line {line_of(text, LEAK)}, column 17)"
+    )
+
+
+def test_yaml_syntax_error_in_a_flow_mapping() -> None:
+    text = with_secret(f'"{LEAK}')
+    assert error_of(text) == (
+        f"test.yaml: invalid YAML: line {len(text.splitlines()) + 1}, column 1, "
+        "in providers.oa.keys[0]: found unexpected end of stream "
+        f"(while scanning a quoted scalar at line {line_of(text, LEAK)}, column 28)"
+    )
+
+
+def test_yaml_syntax_error_in_a_block_mapping() -> None:
+    text = block_key(f"      - id: oa-1\n        secret {LEAK}\n        weight: 1\n")
+    assert error_of(text) == (
+        f"test.yaml: invalid YAML: line {line_of(text, 'weight')}, column 9, "
+        "in providers.oa.keys[0]: could not find expected ':' "
+        f"(while scanning a simple key at line {line_of(text, LEAK)}, column 9)"
+    )
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        f'secret: "{LEAK}',  # unclosed quote
+        f"secret {LEAK}",  # no colon (flow mapping)
+        f"secret: {LEAK}: x",  # a second colon
+        f"secret: {LEAK}, [",  # unclosed sequence
+        f"secret: {LEAK}\t\x01",  # a control character
+        f"secret: !!binary {LEAK}",  # not base64
+        f"secret: !nope {LEAK}",  # unknown tag
+    ],
+)
+def test_yaml_errors_never_quote_the_offending_line(broken: str) -> None:
+    text = MINIMAL.replace(f"secret: {SECRET_ONE}", broken)
+    message = error_of(text)
+    assert "test.yaml:" in message
+    assert LEAK not in message
+    assert "^" not in message  # PyYAML's snippet marker
+    assert LEAK[3:12] not in message
+
+
+@pytest.mark.parametrize("entry", [f"id: oa-1, {LEAK}", f"id: oa-1, secret {LEAK}"])
+def test_a_value_that_lost_its_key_is_not_named_as_an_unknown_key(entry: str) -> None:
+    # In a flow mapping `{id: k, sk-...}` parses: the secret becomes a key without a value.
+    text = MINIMAL.replace(f"id: oa-1, secret: {SECRET_ONE}", entry)
+    message = error_of(text)
+    assert (
+        f"test.yaml:{line_of(text, LEAK)}: unknown key in providers.oa.keys[0] "
+        "(name not shown: it looks like a value written without its key)"
+    ) in message
+    assert "providers.oa.keys[0].secret: required key is missing" in message
+    assert LEAK not in message
+
+
+def test_value_its_tag_cannot_read_names_key_and_line_not_the_value() -> None:
+    text = MINIMAL + f"server:\n  port: !!int {LEAK}\n"
+    assert error_of(text) == (
+        f"test.yaml:{line_of(text, 'port:')}: server.port: "
+        "cannot read this value as tag:yaml.org,2002:int"
+    )
+
+
+def test_control_character_names_line_and_column() -> None:
+    text = MINIMAL + "server:\n  host: a\x00b\n"
+    assert error_of(text) == (
+        f"test.yaml: invalid YAML: line {line_of(text, 'host:')}, column 10: "
+        "unacceptable character #x0000"
+    )
+
+
+def test_undefined_alias_names_its_key() -> None:
+    text = MINIMAL + "server:\n  host: *nowhere\n"
+    assert error_of(text) == (
+        f"test.yaml: invalid YAML: line {line_of(text, 'host:')}, column 9, in server.host: "
+        "found undefined alias 'nowhere'"
+    )
+
+
+# --- nesting depth -------------------------------------------------------------------------
+
+DEEP = 5000
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["[" * DEEP + "]" * DEEP, "{a: " * DEEP + "1" + "}" * DEEP, "\n  " + "- " * DEEP + "x"],
+    ids=["flow-sequences", "flow-mappings", "block-sequences"],
+)
+def test_deep_nesting_is_a_config_error(value: str) -> None:
+    text = MINIMAL + f"deep: {value}\n"
+    line = line_of(text, "deep:") + (1 if value.startswith("\n") else 0)
+    assert error_of(text) == f"test.yaml:{line}: nested too deeply (more than 64 levels)"
+
+
+def test_deep_block_mappings_name_the_line_past_the_limit() -> None:
+    text = "".join("  " * i + f"k{i}:\n" for i in range(100))
+    # The top mapping is level 1 and the key k<i> level i + 2: k63 is level 65.
+    assert error_of(text) == (
+        f"test.yaml:{line_of(text, 'k63:')}: nested too deeply (more than 64 levels)"
+    )
+
+
+def test_nesting_within_the_limit_reaches_validation() -> None:
+    text = MINIMAL + "deep: " + "[" * 60 + "]" * 60 + "\n"
+    assert f"test.yaml:{line_of(text, 'deep:')}: unknown key deep" in error_of(text)
+
+
+def test_alias_of_an_enclosing_node_is_an_error() -> None:
+    text = MINIMAL + "deep: &loop [*loop]\n"
+    assert error_of(text) == (
+        f"test.yaml:{line_of(text, 'deep:')}: deep[0]: "
+        "alias *loop refers to a node that contains it"
+    )
+
+
+def test_aliases_cannot_multiply_into_millions_of_values() -> None:
+    # "Billion laughs": ten levels of ten aliases each would be 10**10 values to validate.
+    text = MINIMAL + "bomb:\n  l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n"
+    for i in range(1, 10):
+        text += f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n"
+    message = error_of(text)
+    assert message == (
+        f"test.yaml:{line_of(text, 'l5:')}: more than 1000000 values (aliases expanded)"
+    )
+
+
+def test_anchors_and_aliases_are_followed() -> None:
+    text = with_secret('&key "${OA_KEY}"') + dedent(
+        """\
+          other: &deployments
+            - {provider: oa, model: other-upstream}
+          same: *deployments
+        auth:
+          jwt:
+            issuer: https://idp.test/
+            audience: gw
+            algorithms: [HS256]
+            secret: *key
+        """
+    )
+    loaded = load_config_text_checked(text, source="test.yaml", env={"OA_KEY": "k" * 32})
+    config = loaded.config
+    assert config.models["same"] == config.models["other"]
+    assert config.auth.jwt is not None
+    assert config.auth.jwt.secret is not None
+    assert config.auth.jwt.secret.get_secret_value() == "k" * 32
+    assert loaded.warnings == ()  # the aliased secret comes from the environment too
+
+
+def test_an_aliased_inline_secret_is_warned_about_where_it_is_written() -> None:
+    secret = "shared-inline-secret-of-at-least-32-bytes-0"
+    text = with_secret(f"&shared {secret}") + dedent(
+        """\
+        auth:
+          jwt:
+            issuer: https://idp.test/
+            audience: gw
+            algorithms: [HS256]
+            secret: *shared
+        """
+    )
+    found = warnings_of(text)
+    assert [(w.key_path, w.line) for w in found] == [
+        ("providers.oa.keys[0].secret", line_of(text, secret)),
+        ("auth.jwt.secret", line_of(text, secret)),
+    ]
+
+
+def test_more_than_one_document_is_an_error() -> None:
+    text = MINIMAL + "---\nserver: {port: 1}\n"
+    assert error_of(text) == (
+        f"test.yaml: invalid YAML: line {line_of(text, '---')}, column 1: "
+        "expected a single document in the stream, found another"
+    )
+
+
+def test_deep_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("deep: " + "[" * DEEP + "]" * DEEP + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value) == f"{path}:1: nested too deeply (more than 64 levels)"
 
 
 def test_duplicate_top_level_key_names_key_and_line() -> None:
@@ -743,3 +948,138 @@ def test_caller_may_use_and_models_for() -> None:
     assert everything.may_use("not-even-a-model") is True
     assert [r.name for r in runtime.models_for(limited)] == ["other"]
     assert [r.name for r in runtime.models_for(everything)] == ["gpt", "other"]
+
+
+# --- warnings: upstream secrets written inline --------------------------------------------
+
+
+def warnings_of(text: str, env: dict[str, str] | None = None) -> tuple[ConfigWarning, ...]:
+    loaded = load_config_text_checked(text, source="test.yaml", env=env or {})
+    assert isinstance(loaded, LoadedConfig)
+    return loaded.warnings
+
+
+def test_inline_upstream_secret_is_a_warning_naming_line_and_key_path() -> None:
+    (warning,) = warnings_of(MINIMAL)
+    assert warning == ConfigWarning(
+        source="test.yaml",
+        line=line_of(MINIMAL, SECRET_ONE),
+        key_path="providers.oa.keys[0].secret",
+        message="secret written inline (use ${ENV_VAR})",
+    )
+    assert str(warning) == (
+        f"test.yaml:{line_of(MINIMAL, SECRET_ONE)}: providers.oa.keys[0].secret: "
+        "secret written inline (use ${ENV_VAR})"
+    )
+
+
+@pytest.mark.parametrize(
+    "secret", ['"${OA_KEY}"', '"${OA_KEY:-sk-default-key}"', '"sk-${SUFFIX:-}tail"']
+)
+def test_secret_from_the_environment_is_not_inline(secret: str) -> None:
+    assert warnings_of(with_secret(secret), {"OA_KEY": "sk-from-env"}) == ()
+
+
+def test_every_key_of_every_provider_is_checked() -> None:
+    text = TWO_PROVIDERS.replace(
+        "      - {id: oa-1, secret: sk-openai-aaaaaaaa}\n",
+        '      - {id: oa-1, secret: "${OA_1}"}\n      - {id: oa-2, secret: sk-openai-inline}\n',
+    ) + ("models:\n  m:\n    - {provider: oa, model: x}\n")
+    found = warnings_of(text, {"OA_1": "sk-env"})
+    assert [(w.line, w.key_path) for w in found] == [
+        (line_of(text, "oa-2"), "providers.oa.keys[1].secret"),
+        (line_of(text, "oa2-1"), "providers.oa2.keys[0].secret"),
+        (line_of(text, "an-1"), "providers.an.keys[0].secret"),
+    ]
+
+
+def test_static_header_values_written_inline_are_warned_about() -> None:
+    text = with_secret('"${OA_KEY}"').replace(
+        "    keys:",
+        '    headers:\n      OpenAI-Organization: org-inline-1\n      X-Token: "Bearer ${TOK}"\n'
+        "    keys:",
+    )
+    (warning,) = warnings_of(text, {"OA_KEY": "k", "TOK": "t"})
+    assert str(warning) == (
+        f"test.yaml:{line_of(text, 'OpenAI-Organization')}: "
+        "providers.oa.headers.OpenAI-Organization: "
+        "header value written inline (use ${ENV_VAR} if it is a secret)"
+    )
+
+
+JWT_INLINE = "jwt-inline-secret-of-at-least-32-bytes-000"
+
+
+@pytest.mark.parametrize(("secret", "inline"), [(JWT_INLINE, True), ('"${JWT_SECRET}"', False)])
+def test_inline_jwt_secret_is_a_warning(secret: str, inline: bool) -> None:
+    text = with_secret('"${OA_KEY}"') + dedent(
+        f"""\
+        auth:
+          jwt:
+            issuer: https://idp.test/
+            audience: gw
+            algorithms: [HS256]
+            secret: {secret}
+        """
+    )
+    found = warnings_of(text, {"OA_KEY": "k", "JWT_SECRET": JWT_INLINE})
+    expected = [(line_of(text, "secret: " + secret), "auth.jwt.secret")] if inline else []
+    assert [(w.line, w.key_path) for w in found] == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "inline"),
+    [
+        ("redis://:hunter2-inline@redis:6379/0", True),
+        ("rediss://user:hunter2-inline@redis:6379/0", True),
+        # The host comes from the environment; the password does not.
+        ("redis://:hunter2-inline@${REDIS_HOST}:6379/0", True),
+        ("redis://redis:6379/0", False),
+        ("redis://user@redis:6379/0", False),
+        ("redis://:${REDIS_PASSWORD}@redis:6379/0", False),
+        ("redis://:${REDIS_PASSWORD:-hunter2-default}@redis:6379/0", False),
+        ("${REDIS_URL}", False),
+    ],
+)
+def test_password_in_the_redis_url(url: str, inline: bool) -> None:
+    text = with_secret('"${OA_KEY}"') + f'state:\n  redis_url: "{url}"\n'
+    env = {
+        "OA_KEY": "k",
+        "REDIS_HOST": "redis",
+        "REDIS_PASSWORD": "hunter2-env",
+        "REDIS_URL": "redis://:hunter2-env@redis:6379/0",
+    }
+    found = warnings_of(text, env)
+    expected = (
+        [
+            f"test.yaml:{line_of(text, 'redis_url')}: state.redis_url: "
+            "password written inline in the URL (use ${ENV_VAR})"
+        ]
+        if inline
+        else []
+    )
+    assert [str(w) for w in found] == expected
+
+
+def test_warnings_never_hold_the_value() -> None:
+    text = MINIMAL.replace("    keys:", "    headers: {X-Org: org-secretish-1}\n    keys:") + (
+        'state:\n  redis_url: "redis://:hunter2-inline@redis/0"\n'
+    )
+    found = warnings_of(text)
+    assert len(found) == 3
+    for warning in found:
+        for shown in (str(warning), repr(warning)):
+            assert SECRET_ONE not in shown
+            assert "org-secretish-1" not in shown
+            assert "hunter2" not in shown
+
+
+def test_load_config_checked_reads_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(MINIMAL)
+    loaded = load_config_checked(path, env={})
+    assert list(loaded.config.models) == ["gpt"]
+    assert [str(w) for w in loaded.warnings] == [
+        f"{path}:{line_of(MINIMAL, SECRET_ONE)}: providers.oa.keys[0].secret: "
+        "secret written inline (use ${ENV_VAR})"
+    ]
