@@ -19,12 +19,15 @@ from gateway.providers.base import ParsedRequest, Usage, as_int
 DEFAULT_OUTPUT_ESTIMATE = 1024
 _NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute"}
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# Limits on what is open at once (no time window): streams, and every in-flight request.
+_CONCURRENCY = frozenset({"concurrency", "requests"})
 
 
-def estimate_tokens(raw_body: bytes, parsed: ParsedRequest, route: Route) -> int:
+def estimate_tokens(body_bytes: int, parsed: ParsedRequest, route: Route) -> int:
     """Prompt estimate (about 4 bytes a token, JSON included: errs on the high side) plus the
-    output the request may produce."""
-    prompt = math.ceil(len(raw_body) / 4)
+    output the request may produce: its effective output cap for every choice it asks for
+    (`n`, and legacy Completions' `best_of`, which are generated even when not returned)."""
+    prompt = math.ceil(body_bytes / 4)
     endpoint = parsed.endpoint
     if not endpoint.cap_fields:
         return prompt  # embeddings, count_tokens: no output tokens
@@ -39,7 +42,12 @@ def estimate_tokens(raw_body: bytes, parsed: ParsedRequest, route: Route) -> int
         output = cap if cap is not None else DEFAULT_OUTPUT_ESTIMATE
     else:
         output = min(asked, cap) if cap is not None else asked
-    return prompt + max(0, output)
+    choices = 1
+    for name in endpoint.choice_fields:
+        value = as_int(parsed.body.get(name))
+        if value is not None:
+            choices = max(choices, value)
+    return prompt + max(0, output) * choices
 
 
 def wants_injected_usage(parsed: ParsedRequest, spec: LimitSpec | None) -> bool:
@@ -66,7 +74,7 @@ def ratelimit_headers(decision: Decision) -> dict[str, str]:
     policy = []
     state = []
     for u in decision.usage:
-        window = ";w=60" if u.name != "concurrency" else ""
+        window = ";w=60" if u.name not in _CONCURRENCY else ""
         policy.append(f'"{u.name}";q={u.limit}{window}')
         state.append(f'"{u.name}";r={u.remaining};t={math.ceil(u.reset_s)}')
     return {"RateLimit-Policy": ", ".join(policy), "RateLimit": ", ".join(state)}
@@ -85,6 +93,11 @@ def rate_limited(decision: Decision, spec: LimitSpec) -> GatewayError:
             f"Too many concurrent streams for tier '{spec.tier}' "
             f"(limit {spec.concurrent_streams}). Retry when one of them ends."
         )
+    elif decision.denied_by == "requests":
+        message = (
+            f"Too many concurrent requests for tier '{spec.tier}' "
+            f"(limit {spec.concurrent_requests}). Retry when one of them ends."
+        )
     else:
         name = decision.denied_by or "rpm"
         limit = spec.requests_per_minute if name == "rpm" else spec.tokens_per_minute
@@ -99,10 +112,14 @@ class UsageStripper:
     """Removes what `stream_options.include_usage` added to an OpenAI stream: the `"usage":null`
     member of every chunk and the usage-only chunk before `[DONE]`, so that the client's bytes
     are what it would have got had the gateway not asked. Works on whole events (LF framing,
-    as OpenAI sends); an event still incomplete is held until its end arrives."""
+    as OpenAI sends); an event still incomplete is held until its end arrives, up to
+    `MAX_HELD` bytes: past that (an event longer than any real chunk) the stripper stops for
+    the rest of the stream and passes bytes through unchanged, so memory and work per stream
+    stay bounded."""
 
     __slots__ = ("_pending", "active")
 
+    MAX_HELD = 64 * 1024
     _NULL = b',"usage":null'
     _BOUNDARY = b"\n\n"
 
@@ -120,9 +137,18 @@ class UsageStripper:
             return data
         end = data.rfind(self._BOUNDARY)
         if end < 0:
+            if len(data) > self.MAX_HELD:
+                self.active = False
+                self._pending = b""
+                return data
             self._pending = data
             return b""
-        complete, self._pending = data[: end + 2], data[end + 2 :]
+        complete, rest = data[: end + 2], data[end + 2 :]
+        if len(rest) > self.MAX_HELD:
+            self.active = False
+            self._pending = b""
+            return self._strip(complete) + rest
+        self._pending = rest
         return self._strip(complete)
 
     def flush(self) -> bytes:

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.appkeys import (
+    BODY_BUDGET,
     HTTP_CLIENT,
     JWT,
     LIMITER,
@@ -28,19 +29,23 @@ from gateway.appkeys import (
     RuntimeHolder,
 )
 from gateway.auth import authenticate
-from gateway.config.runtime import Runtime
+from gateway.config.runtime import Route, Runtime
 from gateway.config.schema import GatewayConfig, JwtConfig
-from gateway.errors import GatewayError, Kind
+from gateway.edge import BodyBudget
+from gateway.errors import ApiFamily, GatewayError, Kind
 from gateway.jwtauth import JwtVerifier
 from gateway.limits.base import Limiter
 from gateway.limits.memory import MemoryLimiter
 from gateway.logs import get_logger
 from gateway.pipeline import (
+    REQUEST_ID,
+    REQUEST_ID_HEADER,
     ConnectTiming,
     Handler,
     access_log,
     family_for_path,
     gateway_error_response,
+    new_request_id,
     record_metrics,
 )
 from gateway.providers import ENDPOINTS
@@ -59,11 +64,16 @@ _HTTP_KINDS = {
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Render every error the handlers did not answer themselves in the caller's format."""
+    """Give every request an id (every answer carries it, in the header its caller's SDK
+    reads), and render every error the handlers did not answer themselves in the caller's
+    format."""
+    request_id = new_request_id()
+    request[REQUEST_ID] = request_id
+    family = family_for_path(request.path, request.headers)
     try:
-        return await handler(request)
+        response = await handler(request)
     except GatewayError as err:
-        return gateway_error_response(family_for_path(request.path, request.headers), err)
+        return gateway_error_response(family, err, request_id)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -71,34 +81,51 @@ async def error_middleware(
         message = template.format(
             path=request.path[:200], method=request.method[:16], reason=exc.reason
         )
-        return gateway_error_response(
-            family_for_path(request.path, request.headers), GatewayError(exc.status, kind, message)
-        )
+        return gateway_error_response(family, GatewayError(exc.status, kind, message), request_id)
     except asyncio.CancelledError:
         raise
     except Exception:
-        _log.exception("unhandled error", path=request.path[:200])
+        _log.exception("unhandled error", path=request.path[:200], request_id=request_id)
         return gateway_error_response(
-            family_for_path(request.path, request.headers),
-            GatewayError(500, Kind.INTERNAL, "Internal gateway error."),
+            family, GatewayError(500, Kind.INTERNAL, "Internal gateway error."), request_id
         )
+    if not response.prepared:
+        header = REQUEST_ID_HEADER[family]
+        if header not in response.headers:
+            response.headers[header] = request_id
+    return response
+
+
+def _anthropic_model(route: Route) -> dict[str, object]:
+    return {
+        "type": "model",
+        "id": route.name,
+        "display_name": route.name,
+        "created_at": "1970-01-01T00:00:00Z",
+    }
+
+
+def _openai_model(route: Route) -> dict[str, object]:
+    return {"id": route.name, "object": "model", "created": 0, "owned_by": "llm-gateway"}
+
+
+def _wants_anthropic(request: web.Request) -> bool:
+    # The Anthropic SDK sends anthropic-version on every request; the OpenAI SDK never does.
+    return "anthropic-version" in request.headers
 
 
 async def models_handler(request: web.Request) -> web.Response:
-    """`GET /v1/models`: the models this caller may use, in the caller's API format."""
+    """`GET /v1/models`: the models this caller may use through the API it speaks (the
+    Anthropic SDK is offered only models /v1/messages serves, the OpenAI SDK only those of
+    the OpenAI API), in that API's list format."""
     runtime = request.app[RUNTIME].current
     caller = await authenticate(request.headers, runtime, request.app[JWT].current)
-    routes = runtime.models_for(caller)
-    if "anthropic-version" in request.headers:
-        data = [
-            {
-                "type": "model",
-                "id": r.name,
-                "display_name": r.name,
-                "created_at": "1970-01-01T00:00:00Z",
-            }
-            for r in routes
-        ]
+    anthropic = _wants_anthropic(request)
+    family = ApiFamily.ANTHROPIC if anthropic else ApiFamily.OPENAI
+    routes = [r for r in runtime.models_for(caller) if r.family is family]
+    body: dict[str, object]
+    if anthropic:
+        data = [_anthropic_model(r) for r in routes]
         body = {
             "data": data,
             "has_more": False,
@@ -106,13 +133,27 @@ async def models_handler(request: web.Request) -> web.Response:
             "last_id": data[-1]["id"] if data else None,
         }
     else:
-        body = {
-            "object": "list",
-            "data": [
-                {"id": r.name, "object": "model", "created": 0, "owned_by": "llm-gateway"}
-                for r in routes
-            ],
-        }
+        body = {"object": "list", "data": [_openai_model(r) for r in routes]}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def model_handler(request: web.Request) -> web.Response:
+    """`GET /v1/models/{id}`: one model in the caller's API format; 404 in that format for an
+    id it may not use, does not exist, or is served through the other API."""
+    runtime = request.app[RUNTIME].current
+    caller = await authenticate(request.headers, runtime, request.app[JWT].current)
+    anthropic = _wants_anthropic(request)
+    family = ApiFamily.ANTHROPIC if anthropic else ApiFamily.OPENAI
+    model_id = request.match_info["model_id"]
+    route = runtime.routes.get(model_id)
+    if route is None or not caller.may_use(model_id) or route.family is not family:
+        raise GatewayError(
+            404,
+            Kind.NOT_FOUND,
+            f"The model '{model_id[:256]}' does not exist or you do not have access to it.",
+            param="model",
+        )
+    body = _anthropic_model(route) if anthropic else _openai_model(route)
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
@@ -133,12 +174,12 @@ def _connect_trace() -> aiohttp.TraceConfig:
     async def start(_s: object, ctx: SimpleNamespace, _p: object) -> None:
         timing = ctx.trace_request_ctx
         if isinstance(timing, ConnectTiming):
-            timing.start = asyncio.get_running_loop().time()
+            timing.start = time.perf_counter()
 
     async def end(_s: object, ctx: SimpleNamespace, _p: object) -> None:
         timing = ctx.trace_request_ctx
         if isinstance(timing, ConnectTiming):
-            timing.end = asyncio.get_running_loop().time()
+            timing.end = time.perf_counter()
 
     config.on_connection_create_start.append(start)
     config.on_connection_create_end.append(end)
@@ -276,6 +317,7 @@ def create_app(
     app = web.Application(middlewares=[error_middleware], client_max_size=2**63)
     app[RUNTIME] = RuntimeHolder(runtime)
     app[RANDOM] = random.Random()  # noqa: S311  (backoff jitter, not a secret)
+    app[BODY_BUDGET] = BodyBudget(runtime.server.max_body_bytes_in_flight)
     app[LIMITER] = limiter if limiter is not None else build_limiter(runtime)
     jwt_config = runtime.config.auth.jwt
     app[JWT] = JwtHolder(JwtVerifier(jwt_config) if jwt_config is not None else None)
@@ -294,6 +336,7 @@ def create_app(
     for endpoint in ENDPOINTS:
         app.router.add_post(endpoint.path, Handler(endpoint).handle)
     app.router.add_get("/v1/models", models_handler)
+    app.router.add_get("/v1/models/{model_id}", model_handler)
     app.router.add_get("/healthz", health_handler)
     if runtime.telemetry.prometheus:
         app.router.add_get("/metrics", metrics_handler)

@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.config.runtime import Runtime
+from gateway.edge import BodyBudget
 from gateway.jwtauth import JwtVerifier
 from gateway.limits.base import Limiter
 from gateway.telemetry import Telemetry
@@ -42,9 +43,11 @@ LIMITER = web.AppKey("limiter", Limiter)
 # JWT verification (`current` is None when auth.jwt is not configured); a reload swaps it.
 JWT = web.AppKey("jwt", JwtHolder)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
+# Request-body bytes being read by all requests at once (bounded; see gateway/edge.py).
+BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
 # Jitter for retry backoff (an app-level instance: tests can seed it).
 RANDOM = web.AppKey("random", random.Random)
-# Called with every finished request's Outcome and the loop time it ended (access log,
+# Called with every finished request's Outcome and the perf_counter time it ended (access log,
 # telemetry, tests). A sink must be cheap and must not raise.
 OutcomeSink = Callable[["Outcome", float], None]
 OUTCOME_SINKS = web.AppKey("outcome_sinks", list[OutcomeSink])

@@ -35,6 +35,7 @@ class Kind(enum.Enum):
     ROUTE_NOT_FOUND = ("invalid_request_error", "unknown_url", "not_found_error")
     METHOD_NOT_ALLOWED = ("invalid_request_error", "method_not_allowed", "invalid_request_error")
     TOO_LARGE = ("invalid_request_error", "request_too_large", "request_too_large")
+    REQUEST_TIMEOUT = ("invalid_request_error", "request_timeout", "invalid_request_error")
     RATE_LIMITED = ("rate_limit_exceeded", "rate_limit_exceeded", "rate_limit_error")
     UPSTREAM_UNAVAILABLE = ("server_error", "upstream_unavailable", "api_error")
     UPSTREAM_TIMEOUT = ("server_error", "upstream_timeout", "timeout_error")
@@ -68,6 +69,7 @@ class GatewayError(Exception):
         *,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -75,6 +77,8 @@ class GatewayError(Exception):
         self.message = message
         self.param = param
         self.headers = dict(headers or {})
+        # Close the connection after answering (e.g. the rest of the body is never read).
+        self.close = close
 
 
 class UpstreamFailure(GatewayError):
@@ -118,9 +122,17 @@ def error_body(
     )
 
 
-def stream_error_event(family: ApiFamily, kind: Kind, message: str, *, responses: bool) -> bytes:
+def stream_error_event(
+    family: ApiFamily,
+    kind: Kind,
+    message: str,
+    *,
+    responses: bool,
+    sequence_number: int = 0,
+) -> bytes:
     """One final in-band SSE error event in the stream's own format (after the response is
-    committed, this is the only way left to tell the client)."""
+    committed, this is the only way left to tell the client). A Responses stream's events are
+    numbered: `sequence_number` is the one after the last event the client got."""
     if family is ApiFamily.ANTHROPIC:
         payload = orjson.dumps(
             {"type": "error", "error": {"type": kind.anthropic_type, "message": message}}
@@ -128,7 +140,13 @@ def stream_error_event(family: ApiFamily, kind: Kind, message: str, *, responses
         return b"event: error\ndata: " + payload + b"\n\n"
     if responses:
         payload = orjson.dumps(
-            {"type": "error", "code": kind.openai_code, "message": message, "param": None}
+            {
+                "type": "error",
+                "code": kind.openai_code,
+                "message": message,
+                "param": None,
+                "sequence_number": sequence_number,
+            }
         )
         return b"event: error\ndata: " + payload + b"\n\n"
     payload = orjson.dumps(

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import secrets
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -31,6 +32,7 @@ from gateway.admission import (
     wants_injected_usage,
 )
 from gateway.appkeys import (
+    BODY_BUDGET,
     HTTP_CLIENT,
     JWT,
     LIMITER,
@@ -41,6 +43,7 @@ from gateway.appkeys import (
 )
 from gateway.auth import authenticate
 from gateway.config.runtime import Caller, Deployment, Route, Runtime
+from gateway.edge import BodyLimits, parse_request, read_body
 from gateway.errors import (
     ApiFamily,
     GatewayError,
@@ -64,6 +67,7 @@ from gateway.providers.base import (
     Usage,
     as_int,
 )
+from gateway.providers.openai import next_sequence_number
 from gateway.relay import StreamEnd, relay_stream
 from gateway.retry import (
     KEY_FAULT_STATUSES,
@@ -73,24 +77,33 @@ from gateway.retry import (
     classify_status,
     classify_stream_error,
 )
+from gateway.serving import close_after_response
 from gateway.sse import SSEDecoder, SSEError
 from gateway.telemetry import Timings, attrs, ids, set_error
 
 _log = get_logger("gateway.access")
 
 # Upstream response headers passed on to the caller. Rate-limit headers of the upstream key are
-# deliberately not among them: they describe the gateway's quota, not the caller's.
-_PASS_HEADERS = ("x-request-id", "request-id", "retry-after", "retry-after-ms", "x-should-retry")
-_MAX_MODEL_CHARS = 256
+# deliberately not among them: they describe the gateway's quota, not the caller's. The request
+# id is set separately (the upstream's, else the gateway's own).
+_PASS_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
+# The request-id header each API's SDK reads.
+REQUEST_ID_HEADER = {ApiFamily.OPENAI: "x-request-id", ApiFamily.ANTHROPIC: "request-id"}
+# The request's id on the aiohttp request (set by the middleware).
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 @dataclass(slots=True)
 class Outcome:
     """What the access log and (later) telemetry report about one request."""
 
-    started: float
+    started: float  # perf_counter: every figure a user reads is measured on this clock
+    started_loop: float = 0.0  # the loop clock at the same moment: deadlines and timers
+    request_id: str = ""  # the gateway's own id of this request
+    upstream_request_id: str | None = None  # the id the upstream gave its answer
     caller: str | None = None
     model: str | None = None
+    model_label: str = "unknown"  # the configured model name, for metric labels
     deployment: str | None = None
     key_id: str | None = None
     key_fp: str | None = None
@@ -126,67 +139,37 @@ def family_for_path(path: str, headers: Any) -> ApiFamily:
     return ApiFamily.OPENAI
 
 
-def gateway_error_response(family: ApiFamily, err: GatewayError) -> web.Response:
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def gateway_error_response(
+    family: ApiFamily, err: GatewayError, request_id: str | None = None
+) -> web.Response:
+    """The gateway's own error answer in `family`'s format, carrying the request id in the
+    header its SDK reads (and, for Anthropic, in the body as the API does)."""
     headers = dict(err.headers)
-    return web.Response(
+    if request_id is not None:
+        headers[REQUEST_ID_HEADER[family]] = request_id
+    response = web.Response(
         status=err.status,
-        body=error_body(family, err.kind, err.message, param=err.param),
+        body=error_body(family, err.kind, err.message, param=err.param, request_id=request_id),
         content_type="application/json",
         headers=headers,
     )
+    if err.close:
+        response.force_close()
+    return response
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, bounded by `limit` (413 beyond it, before reading it all)."""
-    too_large = GatewayError(
-        413,
-        Kind.TOO_LARGE,
-        f"Request body is larger than this gateway's limit of {limit} bytes.",
-    )
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    buf = bytearray()
-    while True:
-        chunk = await request.content.readany()
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-        if len(buf) > limit:
-            raise too_large
-
-
-def parse_request(endpoint: Endpoint, raw: bytes, headers: Any) -> ParsedRequest:
-    """Parse and check the JSON body once. Raises GatewayError 400 with a precise message."""
-    if not raw:
-        raise GatewayError(400, Kind.INVALID_REQUEST, "Request body is empty; expected JSON.")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise GatewayError(
-            400,
-            Kind.INVALID_REQUEST,
-            f"Request body is not valid JSON: {str(exc).splitlines()[0][:200]}",
-        ) from None
-    if not isinstance(body, dict):
-        raise GatewayError(400, Kind.INVALID_REQUEST, "Request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise GatewayError(
-            400, Kind.INVALID_REQUEST, "'model' is required and must be a string.", param="model"
-        )
-    if len(model) > _MAX_MODEL_CHARS:
-        raise GatewayError(400, Kind.INVALID_REQUEST, "'model' is too long.", param="model")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise GatewayError(400, Kind.INVALID_REQUEST, "'stream' must be a boolean.", param="stream")
-    return ParsedRequest(
-        endpoint=endpoint,
-        body=body,
-        model=model,
-        stream=stream and endpoint.streams,
-        headers=headers,
+def body_limits(runtime: Runtime) -> BodyLimits:
+    server = runtime.server
+    return BodyLimits(
+        max_bytes=server.max_request_bytes,
+        timeout_s=server.body_timeout_s,
+        max_containers=server.max_json_containers,
+        max_depth=server.max_json_depth,
+        in_flight_bytes=server.max_body_bytes_in_flight,
     )
 
 
@@ -227,6 +210,34 @@ def _scrub(body: bytes, secrets: tuple[bytes, ...]) -> bytes:
     return body
 
 
+_DECODABLE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": 0}
+
+
+def _encoding(upstream: aiohttp.ClientResponse) -> str | None:
+    """The upstream's content-encoding, None for identity (or none)."""
+    value = upstream.headers.get("content-encoding", "").strip().lower()
+    return None if value in ("", "identity") else value
+
+
+def _decode(body: bytes, encoding: str, limit: int) -> bytes | None:
+    """`body` inflated (gzip or deflate, zlib-wrapped or raw), at most `limit` bytes of it;
+    None when it cannot be decoded or inflates past the limit (a decompression bomb)."""
+    wbits = _DECODABLE.get(encoding)
+    if wbits is None:
+        return None
+    candidates = [wbits] if wbits else [zlib.MAX_WBITS, -zlib.MAX_WBITS]
+    for bits in candidates:
+        inflater = zlib.decompressobj(bits)
+        try:
+            out = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit or inflater.unconsumed_tail:
+            return None
+        return out
+    return None
+
+
 def _pass_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
     out = {}
     for name in _PASS_HEADERS:
@@ -241,7 +252,7 @@ class _Failure:
     """A failed attempt: its verdict, and what the client gets if no attempt follows."""
 
     verdict: Verdict
-    final: Callable[[], web.Response]
+    final: Callable[[str], web.Response]  # called with the request id
 
 
 def _credentials_error(provider: str, status: int) -> GatewayError:
@@ -266,7 +277,11 @@ class Handler:
         loop = asyncio.get_running_loop()
         endpoint = self.endpoint
         outcome = Outcome(
-            started=loop.time(), operation=endpoint.operation, api=endpoint.family.value
+            started=time.perf_counter(),
+            started_loop=loop.time(),
+            operation=endpoint.operation,
+            api=endpoint.family.value,
+            request_id=request.get(REQUEST_ID) or new_request_id(),
         )
         family = endpoint.family
         span = tel.server_span(f"{request.method} {endpoint.path}", request.headers)
@@ -284,8 +299,22 @@ class Handler:
             finally:
                 auth_span.end()
             outcome.caller = caller.id
-            raw = await read_body(request, runtime.server.max_request_bytes)
-            parsed = parse_request(endpoint, raw, request.headers)
+            limits = body_limits(runtime)
+            body = await read_body(request, limits, request.app[BODY_BUDGET])
+            try:
+                # The bytes count against the shared budget until the parse is done; only
+                # the parsed request lives on.
+                raw = body.data
+                parsed = parse_request(endpoint, raw, request.headers, limits)
+                if tel.capture_content:
+                    span.set_attribute(
+                        "gen_ai.input.messages", raw[:65536].decode(errors="replace")
+                    )
+                size = len(raw)
+                del raw
+            finally:
+                body.release()
+                del body
             outcome.model = parsed.model
             outcome.stream = parsed.stream
             if span.is_recording():  # attribute dicts cost time even for a no-op tracer
@@ -297,21 +326,22 @@ class Handler:
                         gateway__tier=caller.tier,
                     )
                 )
-            if tel.capture_content:
-                span.set_attribute("gen_ai.input.messages", raw[:65536].decode(errors="replace"))
             route = resolve_route(runtime, caller, parsed)
-            outcome.estimate = estimate_tokens(raw, parsed, route)
+            outcome.model_label = route.name
+            outcome.estimate = estimate_tokens(size, parsed, route)
             spec = caller.limits
             if spec is None:
-                outcome.timings.admitted = loop.time()
+                outcome.timings.admitted = time.perf_counter()
                 return await self._forward(request, runtime, parsed, route, outcome)
-            return await self._admitted(request, runtime, raw, parsed, route, spec, outcome)
+            return await self._admitted(request, runtime, parsed, route, spec, outcome)
         except GatewayError as err:
             outcome.status = err.status
             outcome.outcome = (
                 err.reason if isinstance(err, UpstreamFailure) else err.kind.name.lower()
             )
-            response = gateway_error_response(family, err)
+            response = gateway_error_response(family, err, outcome.request_id)
+            if err.close:
+                close_after_response(request)
             if outcome.attempts:
                 response.headers["x-gateway-attempts"] = str(outcome.attempts)
             return response
@@ -325,7 +355,7 @@ class Handler:
             outcome.status = outcome.status if outcome.facts is not None else 500
             raise
         finally:
-            now = loop.time()
+            now = time.perf_counter()
             _finish_server_span(span, outcome, now)
             for sink in request.app[OUTCOME_SINKS]:
                 sink(outcome, now)
@@ -335,7 +365,6 @@ class Handler:
         self,
         request: web.Request,
         runtime: Runtime,
-        raw: bytes,
         parsed: ParsedRequest,
         route: Route,
         spec: LimitSpec,
@@ -380,7 +409,7 @@ class Handler:
                 )
             )
         limits_span.end()
-        outcome.timings.admitted = asyncio.get_running_loop().time()
+        outcome.timings.admitted = time.perf_counter()
         if not decision.allowed:
             prefix = "degraded_" if decision.degraded else ""
             outcome.limiter = f"{prefix}denied_{decision.denied_by}"
@@ -477,9 +506,11 @@ class Handler:
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         policy = route.retry
-        retry_deadline = outcome.started + min(policy.deadline_s, route.timeouts.total_s)
+        retry_deadline = outcome.started_loop + min(policy.deadline_s, route.timeouts.total_s)
         tried: list[set[str]] = [set() for _ in route.deployments]
         over_budget: dict[int, float] = {}  # deployment index -> seconds until its budget
+        # Upstream models whose context window the prompt exceeds: never tried again.
+        too_small: set[str] = set()
         rng = request.app[RANDOM]
         tel = request.app[TELEMETRY]
         last: _Failure | None = None
@@ -490,7 +521,7 @@ class Handler:
             delay = 0.0
             if backoff_due and last is not None:
                 backoff_due = False
-                if last.verdict.key_action is not KeyAction.DISABLE:
+                if last.verdict.key_action is not KeyAction.DISABLE and not last.verdict.immediate:
                     delay = backoff_s(
                         outcome.attempts, policy.base_delay_s, policy.max_delay_s, rng
                     )
@@ -519,7 +550,18 @@ class Handler:
                 )
             if delay:
                 await asyncio.sleep(delay)
-            choice = _choose(route, time.time(), tried, over_budget)
+            narrowed = last is not None and (last.verdict.other_key or last.verdict.other_model)
+            choice = _choose(
+                route,
+                time.time(),
+                tried,
+                over_budget,
+                skip_models=too_small,
+                untried_only=last is not None and last.verdict.other_key,
+            )
+            if not isinstance(choice, tuple) and narrowed and last is not None:
+                # Nothing left that could answer differently: the upstream's own answer.
+                return self._final(last, outcome)
             if (
                 not isinstance(choice, tuple)
                 and over_budget
@@ -570,7 +612,7 @@ class Handler:
                     )
                 )
             outcome.attempt_span = attempt_span
-            outcome.timings.attempt_started = loop.time()
+            outcome.timings.attempt_started = time.perf_counter()
             result: web.StreamResponse | _Failure | None = None
             try:
                 result = await self._attempt(
@@ -600,6 +642,8 @@ class Handler:
                 )
             if not verdict.retryable:
                 return self._final(result, outcome)
+            if verdict.other_model:
+                too_small.add(deployment.model)
             last = result
             backoff_due = True
         if last is None:  # max_attempts < 1 cannot happen (schema), but keep mypy honest
@@ -607,13 +651,10 @@ class Handler:
         return self._final(last, outcome)
 
     def _final(self, failure: _Failure, outcome: Outcome) -> web.Response:
-        response = failure.final()
-        response.headers.update(outcome.extra_headers)
+        response = failure.final(outcome.upstream_request_id or outcome.request_id)
+        self._stamp(response, outcome)
         outcome.status = response.status
         outcome.outcome = failure.verdict.reason
-        response.headers["x-gateway-attempts"] = str(outcome.attempts)
-        if outcome.deployment is not None:
-            response.headers["x-gateway-deployment"] = outcome.deployment
         return response
 
     async def _attempt(
@@ -630,7 +671,7 @@ class Handler:
         sent to the client."""
         loop = asyncio.get_running_loop()
         timeouts = route.timeouts
-        deadline = outcome.started + timeouts.total_s
+        deadline = outcome.started_loop + timeouts.total_s
         # A non-stream answer arrives only once the whole generation is done, so its wait for
         # the first byte is bounded by total_s, not first_byte_s.
         first_byte_s = timeouts.first_byte_s if parsed.stream else timeouts.total_s
@@ -689,12 +730,34 @@ class Handler:
             "gen_ai.response_headers", {"http.status_code": upstream.status}
         )
         try:
+            status = upstream.status
+            if not 200 <= status <= 599:
+                # 1xx as a final answer (a 101 would hang the client), or no HTTP status.
+                return self._fail(
+                    502,
+                    Kind.UPSTREAM_ERROR,
+                    "upstream_bad_status",
+                    f"The upstream provider '{provider}' answered with HTTP status {status}, "
+                    "which is not a valid final status.",
+                )
+            upstream_id = upstream.headers.get(REQUEST_ID_HEADER[self.endpoint.family])
+            outcome.upstream_request_id = upstream_id[:128] if upstream_id else None
             content_type = upstream.headers.get("content-type", "")
             if (
-                upstream.status < 300
+                status < 300
                 and content_type.startswith("text/event-stream")
                 and self.endpoint.observer is not None  # e.g. embeddings never stream
             ):
+                if _encoding(upstream) is not None:
+                    # Asked for identity; an encoded stream cannot be relayed byte for byte
+                    # (nor observed) without inflating it: refused.
+                    return self._fail(
+                        502,
+                        Kind.UPSTREAM_ERROR,
+                        "upstream_encoding",
+                        f"The upstream provider '{provider}' sent a compressed stream "
+                        "although the gateway asked for none.",
+                    )
                 return await self._stream(
                     request,
                     parsed,
@@ -750,28 +813,41 @@ class Handler:
                 f"The upstream provider '{provider}' broke the connection mid-response.",
             )
         status = upstream.status
-        body = bytes(buf)
+        encoding = _encoding(upstream)
+        body: bytes = bytes(buf)
+        del buf
+        if encoding is not None:
+            decoded = _decode(body, encoding, limit)
+            if decoded is None:
+                return self._fail(
+                    502,
+                    Kind.UPSTREAM_ERROR,
+                    "upstream_encoding",
+                    f"The upstream provider '{provider}' sent a compressed answer "
+                    f"({encoding[:32]}) that the gateway cannot decode within its limits.",
+                )
+            body = decoded
+        # Every non-stream body is scrubbed, whatever its status: providers echo keys in
+        # error messages, and a misbehaving one may anywhere.
+        body = _scrub(body, runtime.secrets)
         headers = _pass_headers(upstream)
         headers["content-type"] = upstream.headers.get("content-type", "application/json")
         if status < 300:
             outcome.status = status
             outcome.bytes_out = len(body)
             outcome.usage = _USAGE_FROM_BODY[self.endpoint.family](body)
-            loop = asyncio.get_running_loop()
             # The whole answer is the "first byte" of a non-stream response.
-            outcome.timings.first_upstream_byte = loop.time()
+            outcome.timings.first_upstream_byte = time.perf_counter()
             response = web.Response(status=status, body=body, headers=headers)
             self._stamp(response, outcome)
-            _mark_overhead(response, outcome, loop.time())
+            _mark_overhead(response, outcome, time.perf_counter())
             return response
         verdict = classify_status(status, upstream.headers, body, time.time())
-        if status in KEY_FAULT_STATUSES:
+        if status in KEY_FAULT_STATUSES and verdict.key_action is KeyAction.DISABLE:
             error = _credentials_error(provider, status)
-            return _Failure(verdict, lambda: gateway_error_response(self.endpoint.family, error))
-        scrubbed = _scrub(body, runtime.secrets)
-        return _Failure(
-            verdict, lambda: web.Response(status=status, body=scrubbed, headers=headers)
-        )
+            family = self.endpoint.family
+            return _Failure(verdict, lambda rid: gateway_error_response(family, error, rid))
+        return _Failure(verdict, lambda _: web.Response(status=status, body=body, headers=headers))
 
     async def _stream(
         self,
@@ -784,7 +860,6 @@ class Handler:
         deployment: Deployment,
         runtime: Runtime,
     ) -> web.StreamResponse | _Failure:
-        loop = asyncio.get_running_loop()
         endpoint = self.endpoint
         provider = deployment.provider.name
         assert endpoint.observer is not None
@@ -801,11 +876,11 @@ class Handler:
                     chunk = await upstream.content.readany()
                     if not chunk:
                         break
+                    now = time.perf_counter()
                     if not held:
-                        outcome.timings.first_upstream_byte = loop.time()
+                        outcome.timings.first_upstream_byte = now
                         outcome.attempt_span.add_event("gen_ai.first_byte")
                     held += chunk
-                    now = loop.time()
                     for event in decoder.feed(chunk):
                         observer.on_event(event, now)
                         facts.last_event_at = now
@@ -849,9 +924,8 @@ class Handler:
                     f"The upstream provider '{provider}' failed: {message}",
                     reason=verdict.reason,
                 )
-                return _Failure(
-                    verdict, lambda: gateway_error_response(self.endpoint.family, error)
-                )
+                family = self.endpoint.family
+                return _Failure(verdict, lambda rid: gateway_error_response(family, error, rid))
             # Not worth retrying (the request itself is bad): the client gets the upstream's
             # own error stream.
 
@@ -875,19 +949,23 @@ class Handler:
                 "gen_ai.response.time_to_first_chunk", facts.first_token_at - started
             )
 
-        _mark_overhead(response, outcome, loop.time())
+        _mark_overhead(response, outcome, time.perf_counter())
         await response.prepare(request)
         stripper = UsageStripper() if parsed.inject_usage else None
         metrics = request.app[TELEMETRY].metrics
-        active = metrics.active_streams.labels(outcome.model or "")
+        active = metrics.active_streams.labels(outcome.model_label)
         active.inc()
         try:
             try:
-                first = bytes(held) if stripper is None else stripper.feed(bytes(held))
+                # The held first event is scrubbed like any non-stream body (an error event
+                # may echo the key); what follows is relayed byte for byte.
+                first = _scrub(bytes(held), runtime.secrets)
+                if stripper is not None:
+                    first = stripper.feed(first)
                 if first:
                     await response.write(first)
                 outcome.bytes_out = len(first)
-                outcome.timings.first_byte_sent = loop.time()
+                outcome.timings.first_byte_sent = time.perf_counter()
             except ConnectionResetError:
                 outcome.outcome = StreamEnd.CLIENT_CANCEL.value
                 return response
@@ -928,6 +1006,7 @@ class Handler:
     ) -> web.StreamResponse:
         endpoint = self.endpoint
         facts = observer.facts
+        # The relay's watchdog keeps time on the same fine clock as the figures.
         deadline = outcome.started + route.timeouts.total_s
 
         def error_event(end: StreamEnd) -> bytes:
@@ -950,7 +1029,11 @@ class Handler:
                 ),
             )
             return stream_error_event(
-                endpoint.family, kind, message, responses=endpoint.is_responses
+                endpoint.family,
+                kind,
+                message,
+                responses=endpoint.is_responses,
+                sequence_number=next_sequence_number(observer),
             )
 
         result = await relay_stream(
@@ -994,14 +1077,19 @@ class Handler:
         """A failure the gateway itself describes (connect error, timeout, broken body)."""
         error = UpstreamFailure(status, kind, message, reason=reason)
         family = self.endpoint.family
-        return _Failure(Verdict(retryable, reason), lambda: gateway_error_response(family, error))
+        return _Failure(
+            Verdict(retryable, reason), lambda rid: gateway_error_response(family, error, rid)
+        )
 
-    @staticmethod
-    def _stamp(response: web.StreamResponse, outcome: Outcome) -> None:
+    def _stamp(self, response: web.StreamResponse, outcome: Outcome) -> None:
         response.headers.update(outcome.extra_headers)
         if outcome.deployment is not None:
             response.headers["x-gateway-deployment"] = outcome.deployment
         response.headers["x-gateway-attempts"] = str(outcome.attempts)
+        # The upstream's id when it gave one (it is what its support asks for), else ours.
+        response.headers[REQUEST_ID_HEADER[self.endpoint.family]] = (
+            outcome.upstream_request_id or outcome.request_id
+        )
 
 
 _PEEK_LIMIT = 64 * 1024
@@ -1017,15 +1105,23 @@ _STREAM_ERROR_KINDS = {
 
 
 def _choose(
-    route: Route, now: float, tried: list[set[str]], skip: Mapping[int, float]
+    route: Route,
+    now: float,
+    tried: list[set[str]],
+    skip: Mapping[int, float],
+    *,
+    skip_models: set[str] | frozenset[str] = frozenset(),
+    untried_only: bool = False,
 ) -> tuple[int, Deployment, KeyLease] | float | None:
     """The next deployment and key: deployments in order, keys not yet tried in this request
-    first; a provider backing off is skipped. When nothing is usable, the epoch time when
-    something comes back (or None if nothing is blocked, only busy)."""
+    first (only those, with `untried_only`); a provider backing off, a deployment over its
+    budget (`skip`) and one whose upstream model is in `skip_models` are skipped. When nothing
+    is usable, the epoch time when something comes back (or None if nothing is blocked, only
+    busy)."""
     soonest: float | None = None
-    for prefer_untried in (True, False):
+    for prefer_untried in (True,) if untried_only else (True, False):
         for index, deployment in enumerate(route.deployments):
-            if index in skip:
+            if index in skip or deployment.model in skip_models:
                 continue
             pool = deployment.pool
             backoff = pool.provider_blocked_until(now)
@@ -1207,6 +1303,7 @@ def _log_health(provider: str, change: HealthChange) -> None:
 def access_log(o: Outcome, now: float) -> None:
     """The outcome sink that writes one JSON access line per request."""
     fields: dict[str, Any] = {
+        "request_id": o.request_id,
         "caller": o.caller,
         "model": o.model,
         "deployment": o.deployment,
@@ -1219,6 +1316,8 @@ def access_log(o: Outcome, now: float) -> None:
         "attempts": o.attempts,
         "duration_ms": round((now - o.started) * 1000, 3),
     }
+    if o.upstream_request_id is not None:
+        fields["upstream_request_id"] = o.upstream_request_id
     if o.trace_id is not None:
         fields["trace_id"] = o.trace_id
         fields["span_id"] = o.span_id
@@ -1296,8 +1395,9 @@ def outcome_label(o: Outcome) -> str:
 
 
 def record_metrics(metrics: Metrics, o: Outcome, now: float) -> None:
-    """The outcome sink that feeds /metrics (once per request, never per chunk)."""
-    model = o.model or ""
+    """The outcome sink that feeds /metrics (once per request, never per chunk). Model labels
+    are configured names only (`unknown` for the rest): callers cannot add series."""
+    model = o.model_label
     label = outcome_label(o)
     metrics.requests.labels(model, label).inc()
     if o.attempts == 0 and o.deployment is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,7 +53,10 @@ class _Watchdog:
     deadline passes (kill), or when a keep-alive comment is due (the relay writes it and
     goes back to reading).
 
-    Per chunk the relay only stores `waiting_since`; the timer re-arms itself lazily.
+    Per chunk the relay only stores `waiting_since`; the timer re-arms itself lazily. Times
+    are `time.perf_counter()` values (the relay's one clock read per chunk serves the figures
+    too; under uvloop the loop clock only ticks in whole milliseconds); the timer itself is the
+    loop's, armed with a delay.
     """
 
     __slots__ = (
@@ -84,12 +88,12 @@ class _Watchdog:
         self.deadline = deadline
         self.keepalive_s = keepalive_s
         self.at_boundary = at_boundary
-        now = loop.time()
+        now = time.perf_counter()
         self.waiting_since: float | None = None  # None while not waiting on the upstream
         self.last_write = now
         self.fired: StreamEnd | None = None
         self.keepalive_due = False
-        self._handle = loop.call_at(self._next(now), self._check)
+        self._handle = loop.call_later(self._next(now) - now, self._check)
 
     def _next(self, now: float) -> float:
         since = self.waiting_since if self.waiting_since is not None else now
@@ -99,7 +103,7 @@ class _Watchdog:
         return min(due, self.deadline)
 
     def _check(self) -> None:
-        now = self._loop.time()
+        now = time.perf_counter()
         if now >= self.deadline:
             self.fired = StreamEnd.TOTAL_TIMEOUT
             self._task.cancel()
@@ -118,14 +122,14 @@ class _Watchdog:
                 self.keepalive_due = True
                 self._task.cancel()
                 return
-        self._handle = self._loop.call_at(max(self._next(now), now + 0.001), self._check)
+        self._handle = self._loop.call_later(max(self._next(now) - now, 0.001), self._check)
 
     def resume(self) -> None:
         """After a keep-alive was written: clear the signal and re-arm."""
         self.keepalive_due = False
-        now = self._loop.time()
+        now = time.perf_counter()
         self.last_write = now
-        self._handle = self._loop.call_at(self._next(now), self._check)
+        self._handle = self._loop.call_later(self._next(now) - now, self._check)
 
     def stop(self) -> None:
         self._handle.cancel()
@@ -152,8 +156,11 @@ async def relay_stream(
     telemetry). `error_event(end)` renders the final event that tells the client why the
     gateway ended a stream the upstream did not end properly (truncated, broken, timed out).
     `stripper`, when given, removes the usage the gateway asked for on the caller's behalf.
-    Keep-alive
-    comments go out after `keepalive_s` of upstream silence, only at event boundaries.
+    Keep-alive comments go out after `keepalive_s` of upstream silence, only at event
+    boundaries. `deadline` is a `time.perf_counter()` value.
+
+    A body that ends cleanly is complete when the API's end marker was seen, or when a finish
+    reason was (servers that omit `[DONE]` or `message_stop`); otherwise it was truncated.
     Never raises for upstream or client failures (they are the result); re-raises a
     CancelledError that is not its own (client gone). The caller closes `upstream`.
     """
@@ -176,7 +183,8 @@ async def relay_stream(
     resumed = False  # back from a keep-alive: the upstream's silence goes on
     # One clock read per chunk serves as the write's end, the events' time and the start of
     # the next wait.
-    now = loop.time()
+    clock = time.perf_counter
+    now = clock()
     try:
         while True:
             try:
@@ -202,7 +210,7 @@ async def relay_stream(
                             out += len(visible)
                 except ConnectionResetError:
                     return RelayResult(StreamEnd.CLIENT_CANCEL, out, aborted=False)
-                now = loop.time()
+                now = clock()
                 watchdog.last_write = now
                 if observing:
                     try:
@@ -243,7 +251,7 @@ async def relay_stream(
     if end is StreamEnd.OK:
         if facts.error_type is not None:
             return RelayResult(StreamEnd.UPSTREAM_ERROR, out, aborted=False)
-        if facts.done or not observing:
+        if facts.done or not observing or facts.finish_reason is not None:
             return RelayResult(StreamEnd.OK, out, aborted=False)
         end = StreamEnd.TRUNCATED
     elif facts.error_type is not None and end is StreamEnd.PAYLOAD_ERROR:

@@ -55,6 +55,13 @@ class Verdict:
     key_action: KeyAction = KeyAction.NONE
     provider_backoff: bool = False  # 503/529: prefer another deployment; back off this one
     wait_s: float | None = None  # what the upstream asked for (retry-after or a reset header)
+    # The next attempt goes at once (no backoff): waiting would not change the answer.
+    immediate: bool = False
+    # Only another key may help (a key this request tried is not tried again).
+    other_key: bool = False
+    # Only another upstream model may help (the prompt exceeds this model's context window):
+    # the next attempt goes to a deployment whose upstream model this request has not tried.
+    other_model: bool = False
 
 
 def go_duration(text: str) -> float | None:
@@ -119,28 +126,62 @@ def _http_date_delta(value: str, now_epoch: float) -> float | None:
     return max(0.0, at.timestamp() - now_epoch)
 
 
-def _error_code(body: bytes) -> str | None:
-    """The provider's error type/code from an error body (OpenAI or Anthropic shape)."""
+@dataclass(frozen=True, slots=True)
+class ErrorFacts:
+    """The `error` object of a provider's error body: code, type and message (any may be
+    missing; bounded)."""
+
+    code: str | None = None
+    type: str | None = None
+    message: str = ""
+
+    @property
+    def label(self) -> str | None:
+        """The most specific of code/type (a quota code wins wherever it appears)."""
+        for value in (self.code, self.type):
+            if value in _QUOTA_CODES:
+                return value
+        return self.code or self.type
+
+
+def error_facts(body: bytes) -> ErrorFacts:
+    """What an error body says (OpenAI or Anthropic shape); empty facts for anything else."""
     if not body or len(body) > 65536:
-        return None
+        return ErrorFacts()
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None
+        return ErrorFacts()
     if not isinstance(obj, dict):
-        return None
+        return ErrorFacts()
     error = obj.get("error")
     if not isinstance(error, dict):
-        return None
-    for field in ("code", "type"):
-        value = error.get(field)
-        if isinstance(value, str) and value in _QUOTA_CODES:
-            return value
-    code = error.get("code")
-    kind = error.get("type")
-    if isinstance(code, str):
-        return code
-    return kind if isinstance(kind, str) else None
+        return ErrorFacts()
+    code, kind, message = error.get("code"), error.get("type"), error.get("message")
+    return ErrorFacts(
+        code=code[:128] if isinstance(code, str) else None,
+        type=kind[:128] if isinstance(kind, str) else None,
+        message=message[:2048] if isinstance(message, str) else "",
+    )
+
+
+# A 400 that says the prompt does not fit the model's context window (OpenAI's code; the
+# Anthropic API's invalid_request_error "prompt is too long"; vLLM and other compatible
+# servers' "maximum context length").
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
+_CONTEXT_PHRASES = ("prompt is too long", "maximum context length", "context length exceeded")
+# 403s caused by what a request asks for, not by the credential: Anthropic's permission_error
+# (a model or beta the key is not entitled to), OpenAI's invalid_request_error ("You are not
+# allowed to sample from this model"). A 403 that says neither (no body, an unknown type) is
+# treated as a credential failure, as a 401 is.
+_REQUEST_403 = frozenset({"permission_error", "invalid_request_error"})
+
+
+def is_context_length_error(facts: ErrorFacts) -> bool:
+    if facts.code in _CONTEXT_CODES or facts.type in _CONTEXT_CODES:
+        return True
+    message = facts.message.lower()
+    return any(phrase in message for phrase in _CONTEXT_PHRASES)
 
 
 def classify_status(
@@ -149,10 +190,17 @@ def classify_status(
     """The verdict on an upstream answer with a non-2xx status."""
     should_retry = headers.get("x-should-retry", "").strip().lower()
     wait = retry_after_s(headers, now_epoch)
-    code = _error_code(body)
+    facts = error_facts(body)
+    code = facts.label
+    if status == 403 and facts.type in _REQUEST_403 and code not in _QUOTA_CODES:
+        # Caused by what this request asks for: the key stays in rotation for everyone; a
+        # key this request has not tried may be entitled, and the caller gets the 403.
+        return Verdict(True, "upstream_403", immediate=True, other_key=True)
     if status in KEY_FAULT_STATUSES:
         # Another key may well work; this one must leave rotation.
         return Verdict(True, f"upstream_{status}", KeyAction.DISABLE)
+    if status == 400 and is_context_length_error(facts):
+        return Verdict(True, "context_length_exceeded", immediate=True, other_model=True)
     if status == 429:
         if code in _QUOTA_CODES:
             return Verdict(True, "quota_exhausted", KeyAction.DISABLE)

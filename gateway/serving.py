@@ -93,6 +93,19 @@ class GatewayRequestHandler(RequestHandler):
         response.force_close()
         return response
 
+    def close_after_response(self) -> None:
+        """Close this connection as soon as the current response is sent, without reading
+        (lingering over) the rest of an unfinished request body first: for a body that
+        trickled past its time limit, that rest may never come."""
+        self._lingering_time = 0.0
+
+
+def close_after_response(request: web.BaseRequest) -> None:
+    """See `GatewayRequestHandler.close_after_response` (a no-op on other servers)."""
+    protocol = request.protocol
+    if isinstance(protocol, GatewayRequestHandler):
+        protocol.close_after_response()
+
 
 class _GatewayServer(web.Server):
     def __call__(self) -> RequestHandler:

@@ -32,7 +32,7 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 
 @dataclass(slots=True)
 class Timings:
-    """Loop-clock marks of one request, filled in as it happens (the TTFT split)."""
+    """`time.perf_counter()` marks of one request, filled in as it happens (the TTFT split)."""
 
     admitted: float | None = None  # auth + parse + route + limits done
     attempt_started: float | None = None  # the attempt that served the answer

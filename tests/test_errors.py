@@ -39,6 +39,7 @@ EXPECTED: dict[Kind, tuple[str, str | None, str]] = {
         "invalid_request_error",
     ),
     Kind.TOO_LARGE: ("invalid_request_error", "request_too_large", "request_too_large"),
+    Kind.REQUEST_TIMEOUT: ("invalid_request_error", "request_timeout", "invalid_request_error"),
     Kind.RATE_LIMITED: ("rate_limit_exceeded", "rate_limit_exceeded", "rate_limit_error"),
     Kind.UPSTREAM_UNAVAILABLE: ("server_error", "upstream_unavailable", "api_error"),
     Kind.UPSTREAM_TIMEOUT: ("server_error", "upstream_timeout", "timeout_error"),
@@ -153,16 +154,44 @@ def test_chat_stream_error_event(kind: Kind) -> None:
 
 @pytest.mark.parametrize("kind", ALL_KINDS, ids=lambda k: k.name)
 def test_responses_stream_error_event(kind: Kind) -> None:
-    raw = stream_error_event(ApiFamily.OPENAI, kind, MESSAGE, responses=True)
+    raw = stream_error_event(ApiFamily.OPENAI, kind, MESSAGE, responses=True, sequence_number=7)
     event_line, data_line = split_event(raw)
     assert event_line == b"event: error"
     assert data_line.startswith(b"data: ")
-    assert json.loads(data_line[len(b"data: ") :]) == {
+    data = json.loads(data_line[len(b"data: ") :])
+    assert data == {
         "type": "error",
         "code": EXPECTED[kind][1],
         "message": MESSAGE,
         "param": None,
+        "sequence_number": 7,
     }
+    # The shape the official SDK's type declares (the Vercel AI SDK validates it too).
+    from openai.types.responses import ResponseErrorEvent
+
+    event = ResponseErrorEvent.model_validate(data, strict=True)
+    assert event.sequence_number == 7 and event.message == MESSAGE
+
+
+# The kinds of error event the relay writes itself (timeouts, truncated or broken streams).
+STREAM_KINDS = (Kind.UPSTREAM_TIMEOUT, Kind.UPSTREAM_ERROR)
+
+
+@pytest.mark.parametrize("kind", STREAM_KINDS, ids=lambda k: k.name)
+def test_gateway_stream_error_events_match_the_sdk_types(kind: Kind) -> None:
+    from anthropic.types import ErrorResponse
+    from openai.types import ErrorObject
+
+    chat = json.loads(
+        split_event(stream_error_event(ApiFamily.OPENAI, kind, MESSAGE, responses=False))[0][
+            len(b"data: ") :
+        ]
+    )
+    ErrorObject.model_validate(chat["error"], strict=True)
+    _, data_line = split_event(
+        stream_error_event(ApiFamily.ANTHROPIC, kind, MESSAGE, responses=False)
+    )
+    ErrorResponse.model_validate(json.loads(data_line[len(b"data: ") :]), strict=True)
 
 
 @pytest.mark.parametrize("responses", [False, True])

@@ -498,3 +498,83 @@ def test_backoff_is_reproducible_with_a_seed() -> None:
 
 def test_backoff_huge_attempt_stays_capped() -> None:
     assert backoff_s(1100, 0.5, 8.0, TopRandom()) == 8.0
+
+
+# --- 403s the request causes, and prompts too long for the model ------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"type": "error", "error": {"type": "permission_error", "message": "not entitled"}},
+        {
+            "error": {
+                "message": "You are not allowed to sample from this model",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        },
+    ],
+)
+def test_a_403_the_request_causes_keeps_the_key(body: dict[str, object]) -> None:
+    verdict = classify_status(403, {}, orjson.dumps(body), NOW)
+    assert verdict.key_action is KeyAction.NONE
+    assert verdict.retryable and verdict.other_key and verdict.immediate
+    assert verdict.reason == "upstream_403"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"forbidden",
+        orjson.dumps({"error": {"type": "authentication_error", "message": "bad key"}}),
+        orjson.dumps(
+            {"error": {"code": "unsupported_country_region_territory", "type": "request_forbidden"}}
+        ),
+    ],
+)
+def test_a_403_that_names_no_request_cause_is_a_credential_failure(body: bytes) -> None:
+    verdict = classify_status(403, {}, body, NOW)
+    assert verdict == Verdict(True, "upstream_403", KeyAction.DISABLE)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {
+            "error": {
+                "message": "This model's maximum context length is 128000 tokens.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        },
+        {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "message": "prompt is too long: 250000 tokens > 200000 maximum",
+            },
+        },
+        {
+            "object": "error",
+            "error": {
+                "message": "This model's maximum context length is 4096 tokens. "
+                "However, you requested 5000 tokens",
+                "type": "BadRequestError",
+            },
+        },
+    ],
+)
+def test_context_length_400s_ask_for_another_model(body: dict[str, object]) -> None:
+    verdict = classify_status(400, {}, orjson.dumps(body), NOW)
+    assert verdict.retryable and verdict.other_model and verdict.immediate
+    assert verdict.key_action is KeyAction.NONE and not verdict.provider_backoff
+    assert verdict.reason == "context_length_exceeded"
+
+
+def test_other_400s_are_still_final() -> None:
+    body = orjson.dumps({"error": {"message": "bad temperature", "type": "invalid_request_error"}})
+    assert classify_status(400, {}, body, NOW) == Verdict(False, "upstream_400")

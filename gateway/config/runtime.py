@@ -268,6 +268,7 @@ def build_runtime(config: GatewayConfig, health: HealthStore | None = None) -> R
             requests_per_minute=t.requests_per_minute,
             tokens_per_minute=t.tokens_per_minute,
             concurrent_streams=t.concurrent_streams,
+            concurrent_requests=t.concurrent_requests,
         )
         tiers[name] = Tier(
             name=name,

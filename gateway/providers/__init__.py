@@ -47,7 +47,8 @@ def build_upstream_request(
             if body.get(cap_field) is not None:
                 present = True
                 value = as_int(body[cap_field])
-                if value is not None and value > max_tokens_cap:
+                # The edge refuses non-integers; whatever got here is never sent above the cap.
+                if value is None or value > max_tokens_cap:
                     body[cap_field] = max_tokens_cap
         if not present and endpoint.fill_cap:
             fill = (

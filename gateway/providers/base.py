@@ -61,6 +61,8 @@ class Endpoint:
     streams: bool  # may answer with an SSE stream when the body asks for it
     cap_fields: tuple[str, ...] = ()  # output-cap fields, clamped when present
     fill_cap: bool = False  # fill in the cap when the caller gave none
+    # Fields asking for several generations (OpenAI `n`, Completions `best_of`).
+    choice_fields: tuple[str, ...] = ()
     observer: Callable[[], StreamObserver] | None = None
     is_responses: bool = False  # OpenAI Responses API (its own error event shape)
 

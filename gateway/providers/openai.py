@@ -132,17 +132,29 @@ class ChatObserver:
 class ResponsesObserver:
     """Responses API: typed events; usage and status in the one terminal event."""
 
-    __slots__ = ("facts",)
+    __slots__ = ("_last", "facts")
 
     _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
     def __init__(self) -> None:
         self.facts = StreamFacts()
+        self._last: bytes | None = None  # the last event's data (a reference, not a copy)
+
+    def next_sequence_number(self) -> int:
+        """The `sequence_number` an event appended now must carry: one more than the last
+        event's (read only when asked), else the count of events seen (numbering from 0)."""
+        if self._last is not None:
+            obj = _loads(self._last)
+            number = obj.get("sequence_number") if obj is not None else None
+            if isinstance(number, int) and not isinstance(number, bool) and number >= 0:
+                return number + 1
+        return self.facts.events
 
     def on_event(self, event: SSEEvent, now: float) -> None:
         facts = self.facts
         index = facts.events
         facts.events = index + 1
+        self._last = event.data
         name = event.event
         if not name:  # a compatible server that omits `event:`: the type is in the payload
             obj = _loads(event.data)
@@ -196,6 +208,14 @@ class ResponsesObserver:
         return None
 
 
+def next_sequence_number(observer: object) -> int:
+    """For a gateway-written event at the end of `observer`'s stream: the Responses API's next
+    sequence number (other APIs do not number events: 0)."""
+    if isinstance(observer, ResponsesObserver):
+        return observer.next_sequence_number()
+    return 0
+
+
 def usage_from_body(body: bytes) -> Usage | None:
     """Usage of a non-stream OpenAI response body (chat, completions, responses, embeddings)."""
     obj = _loads(body)
@@ -211,6 +231,7 @@ ENDPOINTS = (
         streams=True,
         cap_fields=("max_completion_tokens", "max_tokens"),
         fill_cap=True,
+        choice_fields=("n",),
         observer=ChatObserver,
     ),
     Endpoint(
@@ -222,6 +243,7 @@ ENDPOINTS = (
         cap_fields=("max_tokens",),
         # The API's own default is 16 tokens: filling in a larger cap would change the answer.
         fill_cap=False,
+        choice_fields=("n", "best_of"),
         observer=lambda: ChatObserver(text_completion=True),
     ),
     Endpoint(

@@ -226,8 +226,12 @@ async def test_tier_model_list_restricts_callers(gateway_factory: GatewayFactory
             gw.url + "/v1/chat/completions", data=chat(), headers=auth()
         ) as resp:
             assert resp.status == 403
-        async with session.get(gw.url + "/v1/models", headers=auth()) as resp:
+        # Each API lists the models it serves: claude-test in Anthropic's list only.
+        anthropic = auth(**{"anthropic-version": "2023-06-01"})
+        async with session.get(gw.url + "/v1/models", headers=anthropic) as resp:
             assert [m["id"] for m in (await resp.json())["data"]] == ["claude-test"]
+        async with session.get(gw.url + "/v1/models", headers=auth()) as resp:
+            assert (await resp.json())["data"] == []
 
 
 async def test_unlimited_callers_carry_no_limit_headers(gateway: Gateway) -> None:

@@ -1,0 +1,293 @@
+"""The edge: read the request body (bounded in size, time and shared memory), bound what it
+costs to parse, parse it once, and check the fields the gateway itself acts on.
+
+Order matters: everything cheap is checked before anything expensive. The body's size is
+checked against `Content-Length` before a byte is read; the bytes being read by all requests
+at once are bounded by one `BodyBudget`; the whole body must arrive within
+`server.body_timeout_s`; a body whose parsed form would cost more than a fixed multiple of its
+size (millions of tiny JSON values) is refused from byte counts alone, before the parser runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import GatewayError, Kind
+from gateway.providers.base import Endpoint, ParsedRequest
+
+MAX_MODEL_CHARS = 256
+
+# What one JSON value costs once parsed, at worst (measured: an empty object or a one-letter
+# string in a large array): the parser's own node (16 bytes), the Python object, and the
+# reference to it in its container. Numbers and literals cost less.
+_VALUE_COST = 88
+# A body may cost this multiple of its size, plus the allowance, to parse (its raw bytes are
+# held meanwhile too): a 32 MiB body stays under 4x its size in all; small bodies may hold
+# dense values (token-id arrays for embeddings, large tool schemas).
+_PARSE_FACTOR = 2
+_PARSE_ALLOWANCE = 24 * 1024 * 1024
+# A JSON string (escapes included): used to discount brackets and commas inside strings.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# Integers the gateway reads (max_tokens, n) are bounded like the providers' own int32 fields.
+_MAX_INT = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class BodyLimits:
+    """The `server` settings that bound one request body."""
+
+    max_bytes: int
+    timeout_s: float
+    max_containers: int
+    max_depth: int
+    in_flight_bytes: int  # the shared budget of bodies being read
+
+
+class BodyBudget:
+    """Bytes of request bodies being read by all requests at once, bounded.
+
+    A reader asks for each chunk's bytes once it has them; past the bound it waits (in order
+    of arrival) until other readers give theirs back, so memory held by slow or huge uploads
+    is capped while each reader still gets TCP backpressure toward its client."""
+
+    __slots__ = ("_waiters", "capacity", "used")
+
+    def __init__(self, capacity: int) -> None:
+        # Set from `server.max_body_bytes_in_flight` by each reader (a reload may change it).
+        self.capacity = capacity
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def acquire(self, n: int) -> None:
+        """Take `n` bytes, waiting while the budget is spent. Cancellation-safe."""
+        if not self._waiters and self.used + n <= self.capacity:
+            self.used += n
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.used -= n  # granted just as the wait was cancelled: give it back
+                self._wake()
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            n, future = self._waiters[0]
+            if future.done():
+                self._waiters.popleft()
+                continue
+            # A body larger than the whole budget still goes, alone (the schema keeps the
+            # budget >= max_request_bytes, so this only matters if that changes).
+            if self.used + n > self.capacity and self.used > 0:
+                return
+            self._waiters.popleft()
+            self.used += n
+            future.set_result(None)
+
+
+@dataclass(slots=True)
+class Body:
+    """A request body that has been read; give its bytes back to the budget with `release`."""
+
+    data: bytearray
+    _budget: BodyBudget | None
+
+    def release(self) -> None:
+        if self._budget is not None:
+            self._budget.release(len(self.data))
+            self._budget = None
+
+
+async def read_body(request: web.Request, limits: BodyLimits, budget: BodyBudget) -> Body:
+    """The whole request body: 413 past `limits.max_bytes` (from Content-Length before
+    reading anything, else as soon as it is exceeded), 408 when it does not arrive within
+    `limits.timeout_s` (the connection is then closed: the rest of the body is never read),
+    503 when the shared budget stays spent that long. The caller releases the result."""
+    limit = limits.max_bytes
+    too_large = GatewayError(
+        413,
+        Kind.TOO_LARGE,
+        f"Request body is larger than this gateway's limit of {limit} bytes.",
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    budget.capacity = limits.in_flight_bytes
+    buf = bytearray()
+    held = 0
+    waiting_on_budget = False
+    content = request.content
+    try:
+        async with asyncio.timeout(limits.timeout_s):
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                if len(buf) + len(chunk) > limit:
+                    raise too_large
+                waiting_on_budget = True
+                await budget.acquire(len(chunk))
+                waiting_on_budget = False
+                held += len(chunk)
+                buf += chunk
+    except TimeoutError:
+        budget.release(held)
+        if waiting_on_budget:
+            raise GatewayError(
+                503,
+                Kind.OVERLOADED,
+                "The gateway is reading too many request bodies at once; retry shortly.",
+                headers={"retry-after": "1"},
+            ) from None
+        raise GatewayError(
+            408,
+            Kind.REQUEST_TIMEOUT,
+            f"The request body did not arrive within {limits.timeout_s:g} s.",
+            close=True,
+        ) from None
+    except BaseException:
+        budget.release(held)
+        raise
+    return Body(buf, budget)
+
+
+def parse_cost_error(raw: bytes | bytearray, max_containers: int) -> str | None:
+    """Why parsing `raw` would cost too much, or None. From byte counts only: upper bounds
+    first (brackets and commas anywhere), exact counts (outside strings) only when the upper
+    bounds fail, and never a scan whose cost the body itself can inflate."""
+    size = len(raw)
+    allowed_values = (_PARSE_FACTOR * size + _PARSE_ALLOWANCE) // _VALUE_COST
+    containers = raw.count(b"{") + raw.count(b"[")
+    values = containers + raw.count(b",") + 1
+    if containers <= max_containers and values <= allowed_values:
+        return None
+    # Brackets or commas inside strings (code, prose) inflate the bounds. Removing strings
+    # costs one regex match per string: do it only when the strings alone could not
+    # already be too many values (and not at all when there are none).
+    quotes = raw.count(b'"')
+    if quotes // 2 > allowed_values:
+        return _too_many_values(allowed_values)
+    rest = _STRING.sub(b"", raw) if quotes else raw
+    containers = rest.count(b"{") + rest.count(b"[")
+    if containers > max_containers:
+        return (
+            f"Request body has more than {max_containers} JSON objects and arrays "
+            "(this gateway's limit)."
+        )
+    if containers + rest.count(b",") + 1 > allowed_values:
+        return _too_many_values(allowed_values)
+    return None
+
+
+def _too_many_values(allowed: int) -> str:
+    return (
+        f"Request body has more than {allowed} JSON values for its size; this gateway "
+        "refuses bodies made mostly of tiny values."
+    )
+
+
+def too_deep(value: Any, max_depth: int) -> bool:
+    """Whether `value` nests containers deeper than `max_depth` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            return True
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
+
+
+def parse_request(
+    endpoint: Endpoint, raw: bytes | bytearray, headers: Mapping[str, str], limits: BodyLimits
+) -> ParsedRequest:
+    """Parse and check the JSON body once. Raises GatewayError (400/413) with a precise
+    message naming the offending field."""
+    if not raw:
+        raise GatewayError(400, Kind.INVALID_REQUEST, "Request body is empty; expected JSON.")
+    problem = parse_cost_error(raw, limits.max_containers)
+    if problem is not None:
+        raise GatewayError(413, Kind.TOO_LARGE, problem)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(
+            400,
+            Kind.INVALID_REQUEST,
+            f"Request body is not valid JSON: {str(exc).splitlines()[0][:200]}",
+        ) from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, Kind.INVALID_REQUEST, "Request body must be a JSON object.")
+    # Only a body with more containers than the depth bound can be nested deeper than it.
+    if raw.count(b"{") + raw.count(b"[") > limits.max_depth and too_deep(body, limits.max_depth):
+        raise GatewayError(
+            400,
+            Kind.INVALID_REQUEST,
+            f"Request body nests JSON deeper than {limits.max_depth} levels.",
+        )
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise GatewayError(
+            400, Kind.INVALID_REQUEST, "'model' is required and must be a string.", param="model"
+        )
+    if len(model) > MAX_MODEL_CHARS:
+        raise GatewayError(400, Kind.INVALID_REQUEST, "'model' is too long.", param="model")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise GatewayError(400, Kind.INVALID_REQUEST, "'stream' must be a boolean.", param="stream")
+    for name in endpoint.cap_fields:
+        _check_int(body, name, low=1)
+    for name in endpoint.choice_fields:
+        _check_int(body, name, low=1)
+    return ParsedRequest(
+        endpoint=endpoint,
+        body=body,
+        model=model,
+        stream=stream and endpoint.streams,
+        headers=headers,
+    )
+
+
+def _check_int(body: Mapping[str, Any], name: str, *, low: int) -> None:
+    """A field the gateway acts on (an output cap, a choice count) must be a JSON integer in
+    range when present (null = absent): `5000.0`, `"5000"`, `5e3` or `2**64` would otherwise
+    slip past the cap or the token reservation."""
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GatewayError(400, Kind.INVALID_REQUEST, f"'{name}' must be an integer.", param=name)
+    if not low <= value <= _MAX_INT:
+        raise GatewayError(
+            400,
+            Kind.INVALID_REQUEST,
+            f"'{name}' must be between {low} and {_MAX_INT}.",
+            param=name,
+        )
