@@ -1,70 +1,173 @@
-"""Admission: a caller's limits checked (and charged) before any upstream call, reconciled when
-the real usage is known, and told to the caller in headers.
+"""Admission: a caller's limits checked (and charged) before any upstream call, the
+providers' budgets charged per attempt, and all of it settled when the request ends.
 
-Token limits cannot know the output size up front, so a request reserves an estimate (its
-prompt size / 4 plus its effective output cap) and the difference is charged or refunded when
-the upstream reports usage. A stream that ends without usage keeps its reservation.
+`admit` is an `async with`: on entry it admits the caller (a 429 or 503 in the caller's terms
+when it may not go on); inside, `Ticket.charge_provider` charges a deployment's provider budget
+before its attempt; on exit, whatever happened (an answer, an error, the client gone), the
+caller's slots are released and every token reservation is reconciled with the real usage.
+
+Token limits cannot know the output size up front, so a request reserves an estimate (see
+`gateway.edge.estimate_tokens`) and the difference is charged or refunded when the upstream
+reports usage. A stream that ends without usage keeps its reservation.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
-from gateway.config.runtime import Route
+from gateway.config.runtime import Deployment
+from gateway.edge import Request
 from gateway.errors import GatewayError, Kind
-from gateway.limits.base import Decision, LimitSpec
-from gateway.providers.base import ParsedRequest, Usage, as_int
+from gateway.limits.base import Decision, Limiter, LimiterUnavailable, LimitSpec
+from gateway.report import Report
+from gateway.telemetry import Telemetry, attrs, set_error
 
-# Output estimate when neither the request nor the route bounds it.
-DEFAULT_OUTPUT_ESTIMATE = 1024
 _NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute"}
-_CHAT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 # Limits on what is open at once (no time window): streams, and every in-flight request.
 _CONCURRENCY = frozenset({"concurrency", "requests"})
+# A stream slot outlives its request by this much unless released (a crashed instance).
+_LEASE_GRACE_S = 60
 
 
-def estimate_tokens(body_bytes: int, parsed: ParsedRequest, route: Route) -> int:
-    """Prompt estimate (about 4 bytes a token, JSON included: errs on the high side) plus the
-    output the request may produce: its effective output cap for every choice it asks for
-    (`n`, and legacy Completions' `best_of`, which are generated even when not returned)."""
-    prompt = math.ceil(body_bytes / 4)
-    endpoint = parsed.endpoint
-    if not endpoint.cap_fields:
-        return prompt  # embeddings, count_tokens: no output tokens
-    asked = None
-    for name in endpoint.cap_fields:
-        value = as_int(parsed.body.get(name))
-        if value is not None:
-            asked = value
-            break
-    cap = route.max_tokens_cap
-    if asked is None:
-        output = cap if cap is not None else DEFAULT_OUTPUT_ESTIMATE
-    else:
-        output = min(asked, cap) if cap is not None else asked
-    choices = 1
-    for name in endpoint.choice_fields:
-        value = as_int(parsed.body.get(name))
-        if value is not None:
-            choices = max(choices, value)
-    return prompt + max(0, output) * choices
+@dataclass(slots=True)
+class Ticket:
+    """What admission charged for one request, and what it may still charge (provider
+    budgets, one charge per attempt)."""
 
+    limiter: Limiter
+    request: Request
+    decision: Decision | None = None  # the caller's (None: the caller has no limits)
+    spec: LimitSpec | None = None
+    # Provider budgets charged: (subject, spec, reserved tokens), one per attempt.
+    provider_charges: list[tuple[str, LimitSpec, int]] = field(default_factory=list)
 
-def wants_injected_usage(parsed: ParsedRequest, spec: LimitSpec | None) -> bool:
-    """An OpenAI chat/completions stream under a token limit whose caller did not ask for the
-    usage chunk: the gateway asks upstream and strips it again before the client sees it."""
-    if spec is None or spec.tokens_per_minute is None or not parsed.stream:
-        return False
-    if parsed.endpoint.path not in _CHAT_PATHS:
-        return False
-    options = parsed.body.get("stream_options")
-    return not (isinstance(options, dict) and options.get("include_usage") is True)
-
-
-def used_tokens(usage: Usage | None) -> int | None:
-    if usage is None or (usage.input_tokens is None and usage.output_tokens is None):
+    async def charge_provider(self, deployment: Deployment) -> float | None:
+        """Charge `deployment`'s provider budget, if it has one. None when charged (or when
+        the limiter is down: the callers' limits decide then), else the seconds until it
+        would admit."""
+        spec = deployment.provider.limits
+        if spec is None:
+            return None
+        subject = f"provider:{deployment.provider.name}"
+        tokens = self.request.estimate if spec.tokens_per_minute else 0
+        try:
+            decision = await self.limiter.admit(subject, spec, tokens, 60)
+        except LimiterUnavailable:
+            return None
+        if not decision.allowed:
+            return max(decision.retry_after_s, 0.001)
+        self.provider_charges.append((subject, spec, decision.reserved_tokens))
         return None
-    return (usage.input_tokens or 0) + (usage.output_tokens or 0)
+
+    async def settle(self, report: Report) -> None:
+        """Release the caller's slots and reconcile every reservation with the real usage:
+        the attempt that answered is charged what it used; failed attempts and a request that
+        reached no upstream get their tokens back; a stream that died without usage keeps
+        its reservation."""
+        actual = report.used_tokens
+        reached = report.upstream_status is not None
+        if self.decision is not None and self.spec is not None:
+            await self._settle_caller(self.decision, self.spec, report, actual, reached)
+        last = len(self.provider_charges) - 1
+        for i, (subject, spec, reserved) in enumerate(self.provider_charges):
+            if spec.tokens_per_minute is None:
+                continue
+            if i < last or (actual is None and not reached):
+                await self.limiter.reconcile(subject, spec, -reserved)
+            elif actual is not None:
+                await self.limiter.reconcile(subject, spec, actual - reserved)
+
+    async def _settle_caller(
+        self, decision: Decision, spec: LimitSpec, report: Report, actual: int | None, reached: bool
+    ) -> None:
+        if decision.lease is not None:
+            await self.limiter.release(decision.lease)
+        caller = self.request.caller.id
+        if spec.tokens_per_minute is None:
+            return
+        if actual is None:
+            if not reached:  # nothing reached the upstream at all
+                await self.limiter.reconcile(caller, spec, -decision.reserved_tokens)
+            return
+        report.reconciled = actual - decision.reserved_tokens
+        report.span.add_event(
+            "gateway.reservation_reconciled",
+            {"reserved_tokens": decision.reserved_tokens, "used_tokens": actual},
+        )
+        await self.limiter.reconcile(caller, spec, report.reconciled)
+
+
+@contextlib.asynccontextmanager
+async def admit(
+    limiter: Limiter, request: Request, report: Report, tel: Telemetry, retry_redis_s: float
+) -> AsyncIterator[Ticket]:
+    """Admit `request` under its caller's limits (raises GatewayError 429 / 503), yield the
+    ticket, and settle everything on exit (shielded: a client that went away must not leak
+    its slots or its tokens)."""
+    ticket = Ticket(limiter, request)
+    spec = request.caller.limits
+    if spec is not None:
+        if not request.parsed.stream and spec.concurrent_streams is not None:
+            # The stream limit is on open streams; a plain request takes no stream slot.
+            spec = dataclasses.replace(spec, concurrent_streams=None)
+        decision = await _admit_caller(ticket, spec, report, tel, retry_redis_s)
+        if not decision.allowed:
+            report.timings.admitted = time.perf_counter()
+            prefix = "degraded_" if decision.degraded else ""
+            report.limiter = f"{prefix}denied_{decision.denied_by}"
+            raise rate_limited(decision, spec)
+        ticket.spec, ticket.decision = spec, decision
+    report.timings.admitted = time.perf_counter()
+    try:
+        yield ticket
+    finally:
+        await asyncio.shield(ticket.settle(report))
+
+
+async def _admit_caller(
+    ticket: Ticket, spec: LimitSpec, report: Report, tel: Telemetry, retry_redis_s: float
+) -> Decision:
+    request = ticket.request
+    tokens = request.estimate if spec.tokens_per_minute else 0
+    span = tel.child(report.span, "gateway.limits")
+    try:
+        decision = await ticket.limiter.admit(
+            request.caller.id, spec, tokens, request.route.timeouts.total_s + _LEASE_GRACE_S
+        )
+    except LimiterUnavailable:
+        set_error(span, "limiter_unavailable")
+        span.end()
+        raise GatewayError(
+            503,
+            Kind.LIMITER_UNAVAILABLE,
+            "Rate limiting is unavailable (its shared store cannot be reached); "
+            "the gateway is configured to refuse requests then.",
+            headers={"retry-after": str(max(1, math.ceil(retry_redis_s)))},
+        ) from None
+    report.limiter = "degraded" if decision.degraded else "ok"
+    backend = "fallback" if decision.degraded else ticket.limiter.name
+    tel.metrics.limiter_decisions.labels(
+        backend, "allowed" if decision.allowed else "denied", decision.denied_by or "none"
+    ).inc()
+    if span.is_recording():
+        span.set_attributes(
+            attrs(
+                gateway__limiter__backend=backend,
+                gateway__limiter__allowed=decision.allowed,
+                gateway__limiter__denied_by=decision.denied_by,
+                gateway__limiter__reserved_tokens=decision.reserved_tokens,
+            )
+        )
+    span.end()
+    if decision.allowed:
+        report.extra_headers.update(ratelimit_headers(decision))
+    return decision
 
 
 def ratelimit_headers(decision: Decision) -> dict[str, str]:
@@ -106,61 +209,3 @@ def rate_limited(decision: Decision, spec: LimitSpec) -> GatewayError:
             f"{limit}). Retry in {wait:.3f} s."
         )
     return GatewayError(429, Kind.RATE_LIMITED, message, headers=headers)
-
-
-class UsageStripper:
-    """Removes what `stream_options.include_usage` added to an OpenAI stream: the `"usage":null`
-    member of every chunk and the usage-only chunk before `[DONE]`, so that the client's bytes
-    are what it would have got had the gateway not asked. Works on whole events (LF framing,
-    as OpenAI sends); an event still incomplete is held until its end arrives, up to
-    `MAX_HELD` bytes: past that (an event longer than any real chunk) the stripper stops for
-    the rest of the stream and passes bytes through unchanged, so memory and work per stream
-    stay bounded."""
-
-    __slots__ = ("_pending", "active")
-
-    MAX_HELD = 64 * 1024
-    _NULL = b',"usage":null'
-    _BOUNDARY = b"\n\n"
-
-    def __init__(self) -> None:
-        self._pending = b""
-        self.active = True
-
-    def feed(self, chunk: bytes) -> bytes:
-        if not self.active:
-            return chunk
-        data = self._pending + chunk if self._pending else chunk
-        if not self._pending and b"\r" in chunk:
-            # Not the framing this was built for: pass everything through untouched.
-            self.active = False
-            return data
-        end = data.rfind(self._BOUNDARY)
-        if end < 0:
-            if len(data) > self.MAX_HELD:
-                self.active = False
-                self._pending = b""
-                return data
-            self._pending = data
-            return b""
-        complete, rest = data[: end + 2], data[end + 2 :]
-        if len(rest) > self.MAX_HELD:
-            self.active = False
-            self._pending = b""
-            return self._strip(complete) + rest
-        self._pending = rest
-        return self._strip(complete)
-
-    def flush(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        return rest
-
-    def _strip(self, events: bytes) -> bytes:
-        if b'"choices":[]' in events and b'"usage":{' in events:
-            kept = [
-                e
-                for e in events.split(self._BOUNDARY)
-                if not (b'"choices":[]' in e and b'"usage":{' in e)
-            ]
-            events = self._BOUNDARY.join(kept)
-        return events.replace(self._NULL, b"")

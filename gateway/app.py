@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
 import aiohttp
-import orjson
 from aiohttp import web
 
-from gateway import __version__
 from gateway.appkeys import (
-    BODY_BUDGET,
     HTTP_CLIENT,
     JWT,
     LIMITER,
@@ -25,146 +20,30 @@ from gateway.appkeys import (
     RUNTIME,
     TELEMETRY,
     JwtHolder,
-    OutcomeSink,
     RuntimeHolder,
 )
-from gateway.auth import authenticate
-from gateway.config.runtime import Route, Runtime
+from gateway.config.runtime import Runtime
 from gateway.config.schema import GatewayConfig, JwtConfig
 from gateway.edge import BodyBudget
-from gateway.errors import ApiFamily, GatewayError, Kind
+from gateway.handler import Handler
 from gateway.jwtauth import JwtVerifier
 from gateway.limits.base import Limiter
 from gateway.limits.memory import MemoryLimiter
 from gateway.logs import get_logger
-from gateway.pipeline import (
-    REQUEST_ID,
-    REQUEST_ID_HEADER,
-    ConnectTiming,
-    Handler,
-    access_log,
-    family_for_path,
-    gateway_error_response,
-    new_request_id,
-    record_metrics,
-)
 from gateway.providers import ENDPOINTS
+from gateway.routes import (
+    error_middleware,
+    health_handler,
+    metrics_handler,
+    model_handler,
+    models_handler,
+)
+from gateway.sinks import Sink, access_log, metrics_sink
 from gateway.state import HealthStore, MemoryHealthStore, RedisHealthStore
 from gateway.telemetry import Telemetry
+from gateway.upstream import ConnectTiming
 
 _log = get_logger("gateway")
-
-_HTTP_KINDS = {
-    404: (Kind.ROUTE_NOT_FOUND, "Unknown path: {path}"),
-    405: (Kind.METHOD_NOT_ALLOWED, "Method {method} is not allowed on {path}"),
-}
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Give every request an id (every answer carries it, in the header its caller's SDK
-    reads), and render every error the handlers did not answer themselves in the caller's
-    format."""
-    request_id = new_request_id()
-    request[REQUEST_ID] = request_id
-    family = family_for_path(request.path, request.headers)
-    try:
-        response = await handler(request)
-    except GatewayError as err:
-        return gateway_error_response(family, err, request_id)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        kind, template = _HTTP_KINDS.get(exc.status, (Kind.INVALID_REQUEST, "{reason}"))
-        message = template.format(
-            path=request.path[:200], method=request.method[:16], reason=exc.reason
-        )
-        return gateway_error_response(family, GatewayError(exc.status, kind, message), request_id)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        _log.exception("unhandled error", path=request.path[:200], request_id=request_id)
-        return gateway_error_response(
-            family, GatewayError(500, Kind.INTERNAL, "Internal gateway error."), request_id
-        )
-    if not response.prepared:
-        header = REQUEST_ID_HEADER[family]
-        if header not in response.headers:
-            response.headers[header] = request_id
-    return response
-
-
-def _anthropic_model(route: Route) -> dict[str, object]:
-    return {
-        "type": "model",
-        "id": route.name,
-        "display_name": route.name,
-        "created_at": "1970-01-01T00:00:00Z",
-    }
-
-
-def _openai_model(route: Route) -> dict[str, object]:
-    return {"id": route.name, "object": "model", "created": 0, "owned_by": "llm-gateway"}
-
-
-def _wants_anthropic(request: web.Request) -> bool:
-    # The Anthropic SDK sends anthropic-version on every request; the OpenAI SDK never does.
-    return "anthropic-version" in request.headers
-
-
-async def models_handler(request: web.Request) -> web.Response:
-    """`GET /v1/models`: the models this caller may use through the API it speaks (the
-    Anthropic SDK is offered only models /v1/messages serves, the OpenAI SDK only those of
-    the OpenAI API), in that API's list format."""
-    runtime = request.app[RUNTIME].current
-    caller = await authenticate(request.headers, runtime, request.app[JWT].current)
-    anthropic = _wants_anthropic(request)
-    family = ApiFamily.ANTHROPIC if anthropic else ApiFamily.OPENAI
-    routes = [r for r in runtime.models_for(caller) if r.family is family]
-    body: dict[str, object]
-    if anthropic:
-        data = [_anthropic_model(r) for r in routes]
-        body = {
-            "data": data,
-            "has_more": False,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-        }
-    else:
-        body = {"object": "list", "data": [_openai_model(r) for r in routes]}
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
-
-
-async def model_handler(request: web.Request) -> web.Response:
-    """`GET /v1/models/{id}`: one model in the caller's API format; 404 in that format for an
-    id it may not use, does not exist, or is served through the other API."""
-    runtime = request.app[RUNTIME].current
-    caller = await authenticate(request.headers, runtime, request.app[JWT].current)
-    anthropic = _wants_anthropic(request)
-    family = ApiFamily.ANTHROPIC if anthropic else ApiFamily.OPENAI
-    model_id = request.match_info["model_id"]
-    route = runtime.routes.get(model_id)
-    if route is None or not caller.may_use(model_id) or route.family is not family:
-        raise GatewayError(
-            404,
-            Kind.NOT_FOUND,
-            f"The model '{model_id[:256]}' does not exist or you do not have access to it.",
-            param="model",
-        )
-    body = _anthropic_model(route) if anthropic else _openai_model(route)
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
-
-
-async def health_handler(request: web.Request) -> web.Response:
-    """`GET /healthz`: the process is up and serving (no auth, no upstream calls)."""
-    return web.Response(
-        body=orjson.dumps(
-            {"status": "ok", "version": __version__, "pid": os.getpid(), "time": time.time()}
-        ),
-        content_type="application/json",
-    )
 
 
 def _connect_trace() -> aiohttp.TraceConfig:
@@ -268,24 +147,6 @@ async def _jwt_ctx(app: web.Application) -> AsyncIterator[None]:
         await verifier.close()
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
-    """`GET /metrics`: Prometheus text format (key pool states are read at scrape time)."""
-    telemetry = request.app[TELEMETRY]
-    metrics = telemetry.metrics
-    runtime = request.app[RUNTIME].current
-    now = time.time()
-    for name, pool in runtime.pools.items():
-        for key, state, in_flight in pool.key_states(now):
-            for candidate in ("ok", "cooldown", "disabled"):
-                metrics.key_state.labels(name, key.id, candidate).set(
-                    1 if candidate == state else 0
-                )
-            metrics.key_in_flight.labels(name, key.id).set(in_flight)
-    return web.Response(
-        body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
-    )
-
-
 async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # The exporter's final flush is blocking I/O (up to its timeout when the collector is
@@ -317,13 +178,13 @@ def create_app(
     app = web.Application(middlewares=[error_middleware], client_max_size=2**63)
     app[RUNTIME] = RuntimeHolder(runtime)
     app[RANDOM] = random.Random()  # noqa: S311  (backoff jitter, not a secret)
-    app[BODY_BUDGET] = BodyBudget(runtime.server.max_body_bytes_in_flight)
+    budget = BodyBudget(runtime.server.max_body_bytes_in_flight)
     app[LIMITER] = limiter if limiter is not None else build_limiter(runtime)
     jwt_config = runtime.config.auth.jwt
     app[JWT] = JwtHolder(JwtVerifier(jwt_config) if jwt_config is not None else None)
     tel = telemetry if telemetry is not None else Telemetry(runtime.telemetry)
     app[TELEMETRY] = tel
-    sinks: list[OutcomeSink] = [functools.partial(record_metrics, tel.metrics)]
+    sinks: list[Sink] = [metrics_sink(tel.metrics)]
     if runtime.telemetry.access_log:
         sinks.append(access_log)
     app[OUTCOME_SINKS] = sinks
@@ -334,7 +195,8 @@ def create_app(
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_telemetry_ctx)
     for endpoint in ENDPOINTS:
-        app.router.add_post(endpoint.path, Handler(endpoint).handle)
+        handler = Handler(endpoint, budget, capture_content=tel.capture_content)
+        app.router.add_post(endpoint.path, handler.handle)
     app.router.add_get("/v1/models", models_handler)
     app.router.add_get("/v1/models/{model_id}", model_handler)
     app.router.add_get("/healthz", health_handler)

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
 from gateway.config.runtime import Runtime
-from gateway.edge import BodyBudget
 from gateway.jwtauth import JwtVerifier
 from gateway.limits.base import Limiter
+from gateway.sinks import Sink
 from gateway.telemetry import Telemetry
-
-if TYPE_CHECKING:
-    from gateway.pipeline import Outcome
 
 
 @dataclass(slots=True)
@@ -43,11 +38,8 @@ LIMITER = web.AppKey("limiter", Limiter)
 # JWT verification (`current` is None when auth.jwt is not configured); a reload swaps it.
 JWT = web.AppKey("jwt", JwtHolder)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
-# Request-body bytes being read by all requests at once (bounded; see gateway/edge.py).
-BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
 # Jitter for retry backoff (an app-level instance: tests can seed it).
 RANDOM = web.AppKey("random", random.Random)
-# Called with every finished request's Outcome and the perf_counter time it ended (access log,
-# telemetry, tests). A sink must be cheap and must not raise.
-OutcomeSink = Callable[["Outcome", float], None]
-OUTCOME_SINKS = web.AppKey("outcome_sinks", list[OutcomeSink])
+# Called with every finished request's Report and the perf_counter time it ended (access log,
+# metrics, tests). A sink must be cheap; one that raises is logged and skipped.
+OUTCOME_SINKS = web.AppKey("outcome_sinks", list[Sink])

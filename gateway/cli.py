@@ -17,6 +17,7 @@ from gateway.config.loader import ConfigWarning, load_config_checked
 from gateway.config.runtime import Runtime
 from gateway.logs import configure_logging, get_logger
 from gateway.state import HealthStore
+from gateway.tasks import Tasks
 
 
 def _install_uvloop() -> None:
@@ -80,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def on_startup(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
 
-        reloading: set[asyncio.Task[None]] = set()
+        reloading = Tasks("config-reload")
         # Reloads run one at a time, in signal order; `latest` lets a reload that a newer
         # SIGHUP has overtaken while it waited skip its read (the newer one reads the file).
         one_at_a_time = asyncio.Lock()
@@ -127,9 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def on_sighup() -> None:
             nonlocal latest
             latest += 1
-            task = loop.create_task(reload(latest), name="config-reload")
-            reloading.add(task)
-            task.add_done_callback(reloading.discard)
+            reloading.spawn(reload(latest), "config-reload")
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
@@ -168,7 +167,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_fake_provider(args: argparse.Namespace) -> int:
-    from gateway.fakeprovider import run_fake_provider  # noqa: PLC0415
+    from gateway.fake import run_fake_provider  # noqa: PLC0415
 
     if not args.no_uvloop:
         _install_uvloop()
@@ -206,7 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_limiter(args: argparse.Namespace) -> int:
-    from gateway.bench_limiter import run_bench_limiter  # noqa: PLC0415
+    from gateway.bench.limiter import run_bench_limiter  # noqa: PLC0415
 
     return run_bench_limiter(args)
 

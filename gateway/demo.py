@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import ConfigError, build_runtime, load_config
-from gateway.fakeprovider import FakeProvider, start_fake_provider
+from gateway.fake import FakeProvider, start_fake_provider
 from gateway.logs import configure_logging
 
 DEMO_CALLER_KEY = "demo-key-not-secret"  # its sha256 is in config/demo.yaml

@@ -1,5 +1,6 @@
 """The edge: read the request body (bounded in size, time and shared memory), bound what it
-costs to parse, parse it once, and check the fields the gateway itself acts on.
+costs to parse, parse it once, check the fields the gateway itself acts on, resolve the
+route and estimate the tokens: a frozen `Request` that every later stage reads.
 
 Order matters: everything cheap is checked before anything expensive. The body's size is
 checked against `Content-Length` before a byte is read; the bytes being read by all requests
@@ -12,18 +13,28 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
+from gateway.config.runtime import Caller, Route, Runtime
 from gateway.errors import GatewayError, Kind
-from gateway.providers.base import Endpoint, ParsedRequest
+from gateway.providers import WIRE_APIS
+from gateway.providers.base import ApiFamily, Endpoint, ParsedRequest, as_int
+from gateway.telemetry import attrs
+
+if TYPE_CHECKING:
+    from gateway.report import Report
 
 MAX_MODEL_CHARS = 256
+# Output estimate when neither the request nor the route bounds it.
+DEFAULT_OUTPUT_ESTIMATE = 1024
 
 # What one JSON value costs once parsed, at worst (measured: an empty object or a one-letter
 # string in a large array): the parser's own node (16 bytes), the Python object, and the
@@ -49,6 +60,134 @@ class BodyLimits:
     max_containers: int
     max_depth: int
     in_flight_bytes: int  # the shared budget of bodies being read
+
+    @classmethod
+    def of(cls, runtime: Runtime) -> BodyLimits:
+        server = runtime.server
+        return cls(
+            max_bytes=server.max_request_bytes,
+            timeout_s=server.body_timeout_s,
+            max_containers=server.max_json_containers,
+            max_depth=server.max_json_depth,
+            in_flight_bytes=server.max_body_bytes_in_flight,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The caller's request as every later stage uses it: parsed once, routed, estimated."""
+
+    parsed: ParsedRequest
+    caller: Caller
+    route: Route
+    estimate: int  # tokens the request may cost (its reservation under token limits)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.parsed.endpoint
+
+
+class Edge:
+    """The edge stage of one endpoint."""
+
+    def __init__(self, endpoint: Endpoint, budget: BodyBudget, *, capture_content: bool) -> None:
+        self.endpoint = endpoint
+        self.budget = budget
+        self.capture_content = capture_content  # the prompt on the server span (opt-in)
+
+    async def accept(
+        self, request: web.Request, runtime: Runtime, caller: Caller, report: Report
+    ) -> Request:
+        """Read the body (bounded), parse it once, route it and estimate its tokens. The
+        body's bytes count against the shared budget until the parse is done; only the parsed
+        request lives on. Raises GatewayError in the caller's terms."""
+        limits = BodyLimits.of(runtime)
+        body = await read_body(request, limits, self.budget)
+        try:
+            raw = body.data
+            parsed = parse_request(self.endpoint, raw, request.headers, limits)
+            if self.capture_content:
+                report.span.set_attribute(
+                    "gen_ai.input.messages", raw[:65536].decode(errors="replace")
+                )
+            size = len(raw)
+            del raw
+        finally:
+            body.release()
+        report.parsed(parsed.model, parsed.stream)
+        span = report.span
+        if span.is_recording():  # attribute dicts cost time even for a no-op tracer
+            span.set_attributes(
+                attrs(
+                    gen_ai__request__model=parsed.model,
+                    gen_ai__operation__name=self.endpoint.operation,
+                    gateway__caller=caller.id,
+                    gateway__tier=caller.tier,
+                )
+            )
+        route = resolve_route(runtime, caller, parsed)
+        api = WIRE_APIS[parsed.endpoint.family]
+        parsed = dataclasses.replace(parsed, inject_usage=api.injects_usage(parsed, caller.limits))
+        estimate = estimate_tokens(size, parsed, route)
+        report.routed(route.name, estimate)
+        return Request(parsed, caller, route, estimate)
+
+
+def resolve_route(runtime: Runtime, caller: Caller, parsed: ParsedRequest) -> Route:
+    """The route of the request's model. Raises GatewayError 404 (unknown), 403 (not this
+    caller's), 400 (served through the other wire API)."""
+    route = runtime.routes.get(parsed.model)
+    if route is None:
+        raise GatewayError(
+            404,
+            Kind.NOT_FOUND,
+            f"The model '{parsed.model}' does not exist or you do not have access to it.",
+            param="model",
+        )
+    if not caller.may_use(parsed.model):
+        raise GatewayError(
+            403,
+            Kind.PERMISSION,
+            f"This API key is not allowed to use the model '{parsed.model}'.",
+            param="model",
+        )
+    if route.family is not parsed.endpoint.family:
+        where = "/v1/messages" if route.family is ApiFamily.ANTHROPIC else "/v1/chat/completions"
+        raise GatewayError(
+            400,
+            Kind.INVALID_REQUEST,
+            f"The model '{parsed.model}' is served through the {route.family.value} API "
+            f"({where}), not {parsed.endpoint.path}.",
+            param="model",
+        )
+    return route
+
+
+def estimate_tokens(body_bytes: int, parsed: ParsedRequest, route: Route) -> int:
+    """Prompt estimate (about 4 bytes a token, JSON included: errs on the high side) plus the
+    output the request may produce: its effective output cap for every choice it asks for
+    (`n`, and legacy Completions' `best_of`, which are generated even when not returned)."""
+    prompt = math.ceil(body_bytes / 4)
+    endpoint = parsed.endpoint
+    if not endpoint.cap_fields:
+        return prompt  # embeddings, count_tokens: no output tokens
+    asked = None
+    for name in endpoint.cap_fields:
+        value = as_int(parsed.body.get(name))
+        if value is not None:
+            asked = value
+            break
+    cap = route.max_tokens_cap
+    if asked is None:
+        output = cap if cap is not None else DEFAULT_OUTPUT_ESTIMATE
+    else:
+        output = min(asked, cap) if cap is not None else asked
+    choices = 1
+    for name in endpoint.choice_fields:
+        value = as_int(parsed.body.get(name))
+        if value is not None:
+            choices = max(choices, value)
+    return prompt + max(0, output) * choices
 
 
 class BodyBudget:

@@ -34,6 +34,7 @@ from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 from jwt.warnings import InsecureKeyLengthWarning, RemovedInPyjwt3Warning
 
 from gateway.logs import get_logger
+from gateway.tasks import Tasks
 
 if TYPE_CHECKING:
     from jwt.types import Options
@@ -137,7 +138,7 @@ class JwtVerifier:
         self._keyset = _KeySet()
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks("jwtauth")
         self._fetch_task: asyncio.Task[None] | None = None
         self._last_fetch_at: float | None = None
 
@@ -160,11 +161,7 @@ class JwtVerifier:
         Idempotent. Requests waiting on a cancelled fetch fail with "unknown signing key";
         afterwards unknown `kid`s no longer trigger fetches (known keys still verify)."""
         self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await self._tasks.cancel()
         self._fetch_task = None
 
     async def verify(self, token: str) -> JwtIdentity:
@@ -352,12 +349,8 @@ class JwtVerifier:
         return orjson.loads(body)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        """Start a named background task and keep a reference until it ends (close() cancels
-        what is still running)."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        """Start a named background task (close() cancels what is still running)."""
+        return self._tasks.spawn(coro, name)
 
 
 # -- helpers ----------------------------------------------------------------------------------

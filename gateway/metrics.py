@@ -11,6 +11,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
+from gateway.report import Outcome
+
 # GenAI semantic conventions: seconds buckets and token buckets.
 SECONDS_BUCKETS = (
     0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
@@ -25,16 +27,9 @@ OVERHEAD_BUCKETS = (
 
 _GENAI = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
 
-# Outcomes that count as errors for the error-rate alert (the caller's own faults do not).
-ERROR_OUTCOMES = (
-    "upstream_error",
-    "chunk_timeout",
-    "total_timeout",
-    "truncated",
-    "payload_error",
-    "upstream_unavailable",
-    "internal_error",
-)
+# Outcomes that count as errors for the error-rate alert (the caller's own faults do not):
+# the one vocabulary, gateway.report.Outcome (deploy/prometheus/alerts.yml is checked against it).
+ERROR_OUTCOMES = tuple(o.value for o in Outcome if o.is_error)
 
 
 class Metrics:

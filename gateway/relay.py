@@ -1,13 +1,18 @@
-"""Upstream SSE body -> client, bytes unchanged, the moment they arrive.
+"""The stream owner: the only code that writes to a committed client stream.
+
+`StreamOwner.deliver` takes an `OpenStream` (headers and the held first event) to its end:
+commits the response, writes the held bytes, relays the rest, and ends the stream — cleanly
+(`write_eof`), with one final error event in the stream's own format, or by aborting the
+connection. Its states are explicit: OPEN -> COMMITTED -> RELAYING -> DONE | ERRORED |
+ABORTED | CLIENT_GONE.
 
 The relay reads whatever the upstream socket has (`readany`), writes it to the client at once,
 and feeds the same bytes object to the SSE decoder and the stream observer: no copy, no
 re-encoding, no line splitting before forwarding. Deadlines (between chunks, overall) are kept
-by a watchdog that costs one clock read per chunk instead of a timer per read.
-
-Only this task writes to the client response, so anything the gateway injects (the final error
-event) goes in whole, and only at an event boundary; otherwise the connection is aborted so the
-client sees a broken stream rather than a spliced event.
+by a watchdog that costs one clock read per chunk instead of a timer per read. Anything the
+gateway injects (a keep-alive comment, the final error event) goes in whole, and only at an
+event boundary; mid-event the connection is aborted, so the client sees a broken stream
+rather than a spliced event.
 """
 
 from __future__ import annotations
@@ -15,37 +20,35 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
-from gateway.admission import UsageStripper
-from gateway.providers.base import StreamObserver
-from gateway.sse import SSEDecoder, SSEError
+from gateway.edge import Request
+from gateway.errors import Kind
+from gateway.logs import get_logger
+from gateway.providers import WIRE_APIS
+from gateway.providers.base import Stripper
+from gateway.providers.openai import next_sequence_number
+from gateway.render import terminal_event
+from gateway.report import Outcome, Report
+from gateway.sse import SSEError
+from gateway.telemetry import Telemetry
+from gateway.upstream import OpenStream
 
-
-class StreamEnd(enum.Enum):
-    """How a relayed stream ended (a bounded label for logs and metrics)."""
-
-    OK = "ok"  # the API's end marker was seen and the body ended
-    UPSTREAM_ERROR = "upstream_error"  # the upstream sent an in-band error event
-    TRUNCATED = "truncated"  # the body ended without the end marker
-    PAYLOAD_ERROR = "payload_error"  # the upstream connection broke mid-body
-    CHUNK_TIMEOUT = "chunk_timeout"  # upstream silence between chunks exceeded chunk_s
-    TOTAL_TIMEOUT = "total_timeout"  # the request exceeded total_s
-    CLIENT_CANCEL = "client_cancel"  # the client went away
-
-
-@dataclass(slots=True)
-class RelayResult:
-    end: StreamEnd
-    bytes_out: int
-    aborted: bool  # the client connection was cut instead of ending cleanly
-
-
+_log = get_logger("gateway.access")
 _KEEPALIVE = b": keep-alive\n\n"
+
+
+class State(enum.Enum):
+    OPEN = "open"  # nothing sent yet
+    COMMITTED = "committed"  # headers sent: from here on only in-band signals are possible
+    RELAYING = "relaying"
+    DONE = "done"  # ended cleanly (write_eof)
+    ERRORED = "errored"  # ended with the gateway's final error event
+    ABORTED = "aborted"  # the connection was cut mid-event
+    CLIENT_GONE = "client_gone"
 
 
 class _Watchdog:
@@ -75,14 +78,13 @@ class _Watchdog:
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
         task: asyncio.Task[object],
         idle_s: float,
         deadline: float,
         keepalive_s: float,
         at_boundary: Callable[[], bool],
     ) -> None:
-        self._loop = loop
+        self._loop = asyncio.get_running_loop()
         self._task = task
         self.idle_s = idle_s
         self.deadline = deadline
@@ -91,9 +93,9 @@ class _Watchdog:
         now = time.perf_counter()
         self.waiting_since: float | None = None  # None while not waiting on the upstream
         self.last_write = now
-        self.fired: StreamEnd | None = None
+        self.fired: Outcome | None = None
         self.keepalive_due = False
-        self._handle = loop.call_later(self._next(now) - now, self._check)
+        self._handle = self._loop.call_later(self._next(now) - now, self._check)
 
     def _next(self, now: float) -> float:
         since = self.waiting_since if self.waiting_since is not None else now
@@ -105,13 +107,13 @@ class _Watchdog:
     def _check(self) -> None:
         now = time.perf_counter()
         if now >= self.deadline:
-            self.fired = StreamEnd.TOTAL_TIMEOUT
+            self.fired = Outcome.TOTAL_TIMEOUT
             self._task.cancel()
             return
         since = self.waiting_since
         if since is not None:
             if now >= since + self.idle_s:
-                self.fired = StreamEnd.CHUNK_TIMEOUT
+                self.fired = Outcome.CHUNK_TIMEOUT
                 self._task.cancel()
                 return
             if (
@@ -135,57 +137,106 @@ class _Watchdog:
         self._handle.cancel()
 
 
-async def relay_stream(
-    request: web.Request,
-    upstream: aiohttp.ClientResponse,
-    response: web.StreamResponse,
-    decoder: SSEDecoder,
-    observer: StreamObserver,
-    *,
-    chunk_s: float,
-    deadline: float,
-    keepalive_s: float,
-    error_event: Callable[[StreamEnd], bytes],
-    stripper: UsageStripper | None = None,
-    on_first_token: Callable[[], None] | None = None,
-) -> RelayResult:
-    """Forward the rest of an already-prepared SSE response, reading upstream from where the
-    caller's peek stopped (what it read is already written, fed and observed).
+class StreamOwner:
+    """Takes one committed stream from its held first event to its end."""
 
-    `on_first_token` is called once, the moment the first content event has passed (live
-    telemetry). `error_event(end)` renders the final event that tells the client why the
-    gateway ended a stream the upstream did not end properly (truncated, broken, timed out).
-    `stripper`, when given, removes the usage the gateway asked for on the caller's behalf.
-    Keep-alive comments go out after `keepalive_s` of upstream silence, only at event
-    boundaries. `deadline` is a `time.perf_counter()` value.
+    def __init__(
+        self, request: web.Request, stream: OpenStream, req: Request, report: Report
+    ) -> None:
+        self.request = request
+        self.stream = stream
+        self.req = req
+        self.report = report
+        self.state = State.OPEN
+        self.observing = True  # the decoder still follows the stream (best effort)
+        self.stripper: Stripper | None = (
+            WIRE_APIS[req.endpoint.family].usage_stripper() if req.parsed.inject_usage else None
+        )
+        self.out = 0  # bytes written to the client
 
-    A body that ends cleanly is complete when the API's end marker was seen, or when a finish
-    reason was (servers that omit `[DONE]` or `message_stop`); otherwise it was truncated.
-    Never raises for upstream or client failures (they are the result); re-raises a
-    CancelledError that is not its own (client gone). The caller closes `upstream`.
-    """
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    observing = True
+    async def deliver(
+        self, response: web.StreamResponse, tel: Telemetry, keepalive_s: float
+    ) -> Outcome:
+        """Commit `response` (headers set by the caller), relay the stream to its end, and end
+        it. Returns how it ended; never raises for upstream or client failures. Closes the
+        upstream response."""
+        report = self.report
+        report.streaming(self.stream.status, self.stream.facts)
+        active = tel.metrics.active_streams.labels(report.model_label)
+        try:
+            await response.prepare(self.request)
+            self.state = State.COMMITTED
+            active.inc()
+            try:
+                end = await self._relay(response, keepalive_s)
+            finally:
+                active.dec()
+        finally:
+            self.stream.response.close()
+            report.bytes_out = self.out  # also when the client's leaving cancels the relay
+        report.streamed(end)
+        return end
 
-    def at_boundary() -> bool:
-        return observing and decoder.at_boundary
+    async def _relay(self, response: web.StreamResponse, keepalive_s: float) -> Outcome:
+        if not await self._write_held(response):
+            return self._gone()
+        self.state = State.RELAYING
+        end = await self._pump(response, keepalive_s)
+        if end is Outcome.CLIENT_CANCEL:
+            return self._gone()
+        self.stream.observer.on_end()
+        end = self._classify(end)
+        if end in (Outcome.CHUNK_TIMEOUT, Outcome.TOTAL_TIMEOUT):
+            self._killed(end)
+        return await self._end(response, end)
 
-    watchdog = _Watchdog(loop, task, chunk_s, deadline, keepalive_s, at_boundary)
-    content = upstream.content
-    write = response.write
-    feed = decoder.feed
-    on_event = observer.on_event
-    facts = observer.facts
-    out = 0
-    end = StreamEnd.OK
-    resumed = False  # back from a keep-alive: the upstream's silence goes on
-    # One clock read per chunk serves as the write's end, the events' time and the start of
-    # the next wait.
-    clock = time.perf_counter
-    now = clock()
-    try:
+    async def _write_held(self, response: web.StreamResponse) -> bool:
+        """The held first event (already scrubbed); False when the client is gone."""
+        stream, report = self.stream, self.report
+        first = stream.held if self.stripper is None else self.stripper.feed(stream.held)
+        try:
+            if first:
+                await response.write(first)
+        except ConnectionResetError:
+            return False
+        self.out = len(first)
+        report.timings.first_byte_sent = time.perf_counter()
+        if stream.facts.first_token_at is not None:
+            self._first_token()
+        return True
+
+    async def _pump(self, response: web.StreamResponse, keepalive_s: float) -> Outcome:
+        """Relay upstream reads to the client until the upstream body ends (OK: classified
+        by the caller), a watchdog fires, the upstream breaks, or the client goes away."""
+        task = asyncio.current_task()
+        assert task is not None
+        decoder = self.stream.decoder
+        timeouts = self.req.route.timeouts
+        watchdog = _Watchdog(
+            task,
+            timeouts.chunk_s,
+            self.report.started + timeouts.total_s,
+            keepalive_s,
+            lambda: self.observing and decoder.at_boundary,
+        )
+        try:
+            return await self._loop(response, watchdog)
+        finally:
+            watchdog.stop()
+
+    async def _loop(self, response: web.StreamResponse, watchdog: _Watchdog) -> Outcome:
+        # The hot path: locals only, one clock read per chunk (the write's end, the events'
+        # time and the start of the next wait).
+        content = self.stream.response.content
+        write = response.write
+        feed = self.stream.decoder.feed
+        on_event = self.stream.observer.on_event
+        facts = self.stream.facts
+        stripper = self.stripper
+        first_token = self._first_token if facts.first_token_at is None else None
+        clock = time.perf_counter
+        now = clock()
+        resumed = False  # back from a keep-alive: the upstream's silence goes on
         while True:
             try:
                 if not resumed:
@@ -193,81 +244,147 @@ async def relay_stream(
                 resumed = False
                 chunk = await content.readany()
                 watchdog.waiting_since = None
-                if not chunk:
-                    if stripper is not None:
-                        rest = stripper.flush()
-                        if rest:
-                            await write(rest)
-                    break
+                if stripper is None:
+                    visible = chunk
+                else:
+                    visible = stripper.feed(chunk) if chunk else stripper.flush()
                 try:
-                    if stripper is None:
-                        await write(chunk)
-                        out += len(chunk)
-                    else:
-                        visible = stripper.feed(chunk)
-                        if visible:
-                            await write(visible)
-                            out += len(visible)
+                    if visible:
+                        await write(visible)
                 except ConnectionResetError:
-                    return RelayResult(StreamEnd.CLIENT_CANCEL, out, aborted=False)
+                    return Outcome.CLIENT_CANCEL
+                if not chunk:
+                    return Outcome.OK
+                self.out += len(visible)
                 now = clock()
                 watchdog.last_write = now
-                if observing:
+                if self.observing:
                     try:
                         events = feed(chunk)
                     except SSEError:
-                        # Observation is best effort: never let it break the relay.
-                        observing = False
-                    else:
-                        if events:
-                            for event in events:
-                                on_event(event, now)
-                            facts.last_event_at = now
-                            if on_first_token is not None and facts.first_token_at is not None:
-                                on_first_token()
-                                on_first_token = None
+                        self.observing = False  # observation is best effort: never fatal
+                        continue
+                    if events:
+                        for event in events:
+                            on_event(event, now)
+                        facts.last_event_at = now
+                        if first_token is not None and facts.first_token_at is not None:
+                            first_token()
+                            first_token = None
             except asyncio.CancelledError:
+                task = asyncio.current_task()
+                assert task is not None
                 fired = watchdog.fired
                 if (fired is None and not watchdog.keepalive_due) or task.uncancel() != 0:
-                    raise
-                if fired is None:
-                    # Upstream silence: the upstream read was interrupted without losing data
-                    # (aiohttp keeps what arrived buffered); tell idle proxies we are alive.
-                    try:
-                        await write(_KEEPALIVE)
-                    except ConnectionResetError:
-                        return RelayResult(StreamEnd.CLIENT_CANCEL, out, aborted=False)
-                    watchdog.resume()
-                    resumed = True
-                    continue
-                end = fired
-                break
+                    raise  # not the watchdog's: the client went away (the handler is cancelled)
+                if fired is not None:
+                    return fired
+                if not await self._keepalive(write):
+                    return Outcome.CLIENT_CANCEL
+                watchdog.resume()
+                resumed = True
             except (aiohttp.ClientError, OSError):
-                end = StreamEnd.PAYLOAD_ERROR
-                break
-    finally:
-        watchdog.stop()
-    observer.on_end()
-    if end is StreamEnd.OK:
-        if facts.error_type is not None:
-            return RelayResult(StreamEnd.UPSTREAM_ERROR, out, aborted=False)
-        if facts.done or not observing or facts.finish_reason is not None:
-            return RelayResult(StreamEnd.OK, out, aborted=False)
-        end = StreamEnd.TRUNCATED
-    elif facts.error_type is not None and end is StreamEnd.PAYLOAD_ERROR:
-        end = StreamEnd.UPSTREAM_ERROR
-    if end is StreamEnd.UPSTREAM_ERROR:
-        # The upstream already told the client, in the client's own API format.
-        return RelayResult(end, out, aborted=False)
-    if observing and decoder.at_boundary:
+                return Outcome.PAYLOAD_ERROR
+
+    @staticmethod
+    async def _keepalive(write: Callable[[bytes], Awaitable[None]]) -> bool:
+        """Upstream silence interrupted the read without losing data (aiohttp keeps what
+        arrived buffered): tell idle proxies we are alive. False when the client is gone."""
         try:
-            await response.write(error_event(end))
+            await write(_KEEPALIVE)
         except ConnectionResetError:
-            return RelayResult(end, out, aborted=True)
-        return RelayResult(end, out, aborted=False)
-    # Mid-event: an injected event would splice into the upstream's half-written one. Cut the
-    # connection instead, so the client sees an incomplete body (its SDK raises).
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
-    return RelayResult(end, out, aborted=True)
+            return False
+        return True
+
+    def _classify(self, end: Outcome) -> Outcome:
+        """A clean end is complete when the end marker or a finish reason was seen (servers
+        that omit `[DONE]` or `message_stop`); otherwise it was truncated. An upstream's own
+        in-band error makes it an upstream error."""
+        facts = self.stream.facts
+        if end is Outcome.OK:
+            if facts.error_type is not None:
+                return Outcome.UPSTREAM_ERROR
+            if facts.done or not self.observing or facts.finish_reason is not None:
+                return Outcome.OK
+            return Outcome.TRUNCATED
+        if facts.error_type is not None and end is Outcome.PAYLOAD_ERROR:
+            return Outcome.UPSTREAM_ERROR
+        return end
+
+    async def _end(self, response: web.StreamResponse, end: Outcome) -> Outcome:
+        """End the stream: cleanly, with the gateway's error event (only at an event
+        boundary), or by cutting the connection mid-event."""
+        if end in (Outcome.OK, Outcome.UPSTREAM_ERROR):
+            # An upstream's in-band error already told the client, in the client's format.
+            return await self._eof(response, end)
+        if self.observing and self.stream.decoder.at_boundary:
+            try:
+                await response.write(self._error_event(end))
+            except ConnectionResetError:
+                self.state = State.ABORTED
+                return end
+            self.state = State.ERRORED
+            return await self._eof(response, end)
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+        self.state = State.ABORTED
+        return end
+
+    async def _eof(self, response: web.StreamResponse, end: Outcome) -> Outcome:
+        try:
+            await response.write_eof()
+        except ConnectionResetError:
+            return self._gone()
+        if self.state is State.RELAYING:
+            self.state = State.DONE
+        return end
+
+    def _gone(self) -> Outcome:
+        self.state = State.CLIENT_GONE
+        return Outcome.CLIENT_CANCEL
+
+    def _error_event(self, end: Outcome) -> bytes:
+        provider = self.report.deployment or ""
+        provider = provider.split("/", 1)[0]
+        timeouts = self.req.route.timeouts
+        if end is Outcome.CHUNK_TIMEOUT:
+            kind = Kind.UPSTREAM_TIMEOUT
+            message = (
+                f"The upstream provider '{provider}' went silent for more than "
+                f"{timeouts.chunk_s:g} s; the gateway ended the stream."
+            )
+        elif end is Outcome.TOTAL_TIMEOUT:
+            kind = Kind.UPSTREAM_TIMEOUT
+            message = f"The request exceeded the gateway's limit of {timeouts.total_s:g} s."
+        else:
+            kind = Kind.UPSTREAM_ERROR
+            message = f"The upstream provider '{provider}' ended the stream before it was complete."
+        sequence = next_sequence_number(self.stream.observer)
+        return terminal_event(self.req.endpoint, kind, message, sequence)
+
+    def _first_token(self) -> None:
+        """Recorded live, the moment the first content event passes (not at the end)."""
+        report = self.report
+        facts = self.stream.facts
+        assert facts.first_token_at is not None
+        span = report.attempt_span
+        span.add_event("gen_ai.first_token")
+        # The attempt's own time to first chunk (the server span has the caller's).
+        started = report.timings.attempt_started or report.started
+        span.set_attribute("gen_ai.response.time_to_first_chunk", facts.first_token_at - started)
+
+    def _killed(self, end: Outcome) -> None:
+        report, facts = self.report, self.stream.facts
+        report.span.add_event(
+            f"gateway.stream_{end.value}",
+            {"gateway.events": facts.events, "gateway.limit_s": self.req.route.timeouts.chunk_s},
+        )
+        _log.warning(
+            "stream killed",
+            reason=end.value,
+            deployment=report.deployment,
+            key_id=report.key_id,
+            caller=report.caller,
+            events=facts.events,
+        )

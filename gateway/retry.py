@@ -2,8 +2,8 @@
 provider, and how long to wait. Pure functions of their inputs (the clock and the random source
 are passed in), so every rule is unit-tested without sockets.
 
-The boundary itself is not decided here: the pipeline only asks before anything reached the
-client. After that, nothing is retried.
+The boundary itself is not decided here: the attempt planner (attempts.py) only asks before
+anything reached the client. After that, nothing is retried.
 """
 
 from __future__ import annotations

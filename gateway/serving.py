@@ -11,17 +11,17 @@ with a JSON error both SDKs parse and logs only the error's class.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import signal
 from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from gateway.logs import get_logger
+from gateway.render import malformed_request
+from gateway.report import new_request_id
 
 _log = get_logger("gateway")
 
@@ -34,25 +34,6 @@ _HEADER_OVERHEAD = 256
 def header_field_limit(max_token_bytes: int) -> int:
     """aiohttp's per-header bound for a gateway that accepts tokens of `max_token_bytes`."""
     return max(DEFAULT_FIELD_BYTES, max_token_bytes + _HEADER_OVERHEAD)
-
-
-def malformed_request_body(status: int, message: str, request_id: str) -> bytes:
-    """An error body both SDKs parse (the caller's API is unknown: no header was read).
-
-    OpenAI reads `error.message/type/code/param`; Anthropic reads `type` and `error.type`."""
-    kind = "request_too_large" if status == 431 else "invalid_request_error"
-    return orjson.dumps(
-        {
-            "type": "error",
-            "error": {
-                "message": message,
-                "type": "invalid_request_error",
-                "code": kind,
-                "param": None,
-            },
-            "request_id": request_id,
-        }
-    )
 
 
 class GatewayRequestHandler(RequestHandler):
@@ -79,19 +60,12 @@ class GatewayRequestHandler(RequestHandler):
         else:
             status = 400
             text = "The request is not valid HTTP/1.1."
-        request_id = "req_" + secrets.token_hex(12)
+        request_id = new_request_id()
         # The exception's text holds the start of the offending line: never logged.
         _log.warning(
             "malformed request", status=status, error=type(exc).__name__, request_id=request_id
         )
-        response = web.Response(
-            status=status,
-            body=malformed_request_body(status, text, request_id),
-            content_type="application/json",
-            headers={"x-request-id": request_id, "request-id": request_id},
-        )
-        response.force_close()
-        return response
+        return malformed_request(status, text, request_id)
 
     def close_after_response(self) -> None:
         """Close this connection as soon as the current response is sent, without reading

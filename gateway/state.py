@@ -22,6 +22,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from gateway.logs import get_logger
+from gateway.tasks import Tasks
 
 _log = get_logger("gateway.state")
 
@@ -94,7 +95,7 @@ class RedisHealthStore:
         self._timeout_s = timeout_s
         self._keep_s = keep_s  # expired entries still count strikes this long
         self._entries: dict[str, Block] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks("health-store")
         self._refresher: asyncio.Task[None] | None = None
 
     def get(self, name: str) -> Block | None:
@@ -114,13 +115,9 @@ class RedisHealthStore:
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
-            loop = asyncio.get_running_loop()
+            self._tasks.spawn(coro, "health-store-write")
         except RuntimeError:  # no loop (a unit test of the pool): local only
             coro.close()
-            return
-        task = loop.create_task(coro, name="health-store-write")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _write(self, op: str, name: str, payload: bytes | None) -> None:
         try:
@@ -159,9 +156,7 @@ class RedisHealthStore:
     async def start(self) -> None:
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await self.refresh()
-        self._refresher = asyncio.get_running_loop().create_task(
-            self._loop(), name="health-store-refresh"
-        )
+        self._refresher = self._tasks.spawn(self._loop(), "health-store-refresh")
 
     async def _loop(self) -> None:
         while True:
@@ -177,5 +172,4 @@ class RedisHealthStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
             self._refresher = None
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.wait()

@@ -12,7 +12,6 @@ completion text is recorded unless `telemetry.capture_content` is on.
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
@@ -28,19 +27,6 @@ from gateway.config.schema import TelemetryConfig
 from gateway.metrics import Metrics
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-
-
-@dataclass(slots=True)
-class Timings:
-    """`time.perf_counter()` marks of one request, filled in as it happens (the TTFT split)."""
-
-    admitted: float | None = None  # auth + parse + route + limits done
-    attempt_started: float | None = None  # the attempt that served the answer
-    connect_s: float = 0.0  # TCP/TLS connect of that attempt (0 on a reused connection)
-    first_upstream_byte: float | None = None
-    first_byte_sent: float | None = None  # response headers + first bytes to the client
-    last_event_at: float | None = None
-    marks: dict[str, float] = field(default_factory=dict)
 
 
 class Telemetry:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.fakeprovider import FakeProvider, start_fake_provider
+from gateway.fake import FakeProvider, start_fake_provider
 from tests.support import (
     ACCEPTED_KEYS,
     RECORDINGS,

@@ -8,7 +8,6 @@ import copy
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,8 +22,12 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.appkeys import RUNTIME
+from gateway.bench.servers import (  # RedisServer: re-exported, the tests import it from here
+    RedisServer,  # noqa: F401
+    free_port,
+)
 from gateway.config import Runtime, build_runtime, load_config_text
-from gateway.fakeprovider import FakeProvider
+from gateway.fake import FakeProvider
 from gateway.serving import header_field_limit, make_runner
 from gateway.telemetry import Telemetry
 
@@ -139,68 +142,6 @@ async def start_gateway(
 
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port, owned by one test (or module)."""
-
-    def __init__(self, binary: str, directory: Path) -> None:
-        self.binary = binary
-        self.directory = directory
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        """Start (or restart, on the same port) and wait until it answers PING."""
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-                "--protected-mode",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        """Kill it hard (an outage, not a shutdown)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- Sensitive strings: every secret and prompt the suite uses (log hygiene, telemetry tests).

@@ -8,10 +8,10 @@ import time
 import orjson
 import pytest
 
-from gateway.admission import UsageStripper, estimate_tokens
 from gateway.config import build_runtime, load_config_text
+from gateway.edge import estimate_tokens
 from gateway.providers.base import ParsedRequest
-from gateway.providers.openai import ENDPOINTS
+from gateway.providers.openai import ENDPOINTS, UsageStripper
 
 CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS = ENDPOINTS
 

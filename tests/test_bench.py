@@ -7,11 +7,15 @@ import math
 import random
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from gateway.bench import EventCounter, percentile
+from gateway.bench.processes import bench_config, child_environment, validate_config
+from gateway.bench.servers import free_ports
+from gateway.bench.workload import MODEL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +51,29 @@ def test_event_counter_matches_whole_stream_count_at_any_split() -> None:
     truncated = EventCounter()
     assert truncated.feed(stream[:-3]) == 31
     assert not truncated.ended_with_done
+
+
+def test_packaged_config_validates_with_the_variables_the_bench_sets() -> None:
+    fake = "http://127.0.0.1:9"
+    with resources.as_file(bench_config()) as path:
+        quiet = validate_config(path, child_environment(fake, 8, ""))
+        traced = validate_config(path, child_environment(fake, 8, "http://127.0.0.1:7"))
+    assert quiet.server.port == 8
+    assert quiet.providers["fake-openai"].base_url == fake + "/v1"
+    assert MODEL in quiet.models
+    # Quiet logging: per-stream log lines would be charged to the gateway's cost.
+    assert (quiet.telemetry.access_log, quiet.telemetry.log_level) == (False, "warning")
+    assert quiet.telemetry.otlp_endpoint == ""  # no export: a no-op tracer
+    assert (traced.telemetry.otlp_endpoint, traced.telemetry.sample_ratio) == (
+        "http://127.0.0.1:7",
+        1.0,
+    )
+
+
+def test_free_ports_are_distinct() -> None:
+    ports = free_ports(8)
+    assert len(set(ports)) == 8
+    assert all(0 < p < 65536 for p in ports)
 
 
 def _table(stdout: str) -> list[dict[str, str]]:

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,9 @@ import orjson
 import pytest
 import yaml
 
-from tests.support import CALLER_KEY, UPSTREAM_KEYS, Fake, base_config
+from tests.support import CALLER_KEY, UPSTREAM_KEYS, Fake, base_config, free_port
 
 ROOT = Path(__file__).parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -161,7 +154,7 @@ class Served:
 
 @pytest.fixture
 async def served(fake: Fake, tmp_path: Path) -> AsyncIterator[Served]:
-    port = _free_port()
+    port = free_port()
     config = base_config(fake.url)
     config["server"]["port"] = port
     config["server"]["drain_timeout_s"] = 10
@@ -209,7 +202,7 @@ async def _models(url: str) -> list[str]:
 async def test_healthcheck_command(served: Served) -> None:
     ok = await asyncio.to_thread(run_cli, "healthcheck", "--url", served.url + "/healthz")
     assert ok.returncode == 0
-    closed = f"http://127.0.0.1:{_free_port()}/healthz"
+    closed = f"http://127.0.0.1:{free_port()}/healthz"
     down = await asyncio.to_thread(run_cli, "healthcheck", "--url", closed, "--timeout", "1")
     assert down.returncode == 1
 
@@ -311,7 +304,7 @@ async def test_sighup_swaps_the_jwt_settings(served: Served) -> None:
 
 
 async def test_workers_share_the_port_and_drain_together(fake: Fake, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config = base_config(fake.url)
     config["server"].update(port=port, workers=2, drain_timeout_s=5)
     path = tmp_path / "gateway.yaml"

@@ -24,7 +24,7 @@ from gateway.config.loader import (
     load_config_text_checked,
 )
 from gateway.config.runtime import Timeouts
-from gateway.errors import ApiFamily
+from gateway.providers.base import ApiFamily
 
 CONFIG_DIR = Path(__file__).parent.parent / "config"
 

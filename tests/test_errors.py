@@ -14,14 +14,29 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.errors import (
-    ApiFamily,
-    GatewayError,
-    Kind,
-    UpstreamFailure,
-    error_body,
-    stream_error_event,
-)
+from gateway.errors import GatewayError, Kind, UpstreamFailure
+from gateway.providers import anthropic as anthropic_api
+from gateway.providers import openai as openai_api
+from gateway.providers.base import ApiFamily
+from gateway.render import error_body, terminal_event
+
+_CHAT, _COMPLETIONS, _RESPONSES, _EMBEDDINGS = openai_api.ENDPOINTS
+_MESSAGES = anthropic_api.ENDPOINTS[0]
+
+
+def stream_error_event(
+    family: ApiFamily, kind: Kind, message: str, *, responses: bool, sequence_number: int = 0
+) -> bytes:
+    """The gateway's final error event for a stream of `family` (Responses when asked)."""
+    openai_endpoint = _RESPONSES if responses else _CHAT
+    endpoint = _MESSAGES if family is ApiFamily.ANTHROPIC else openai_endpoint
+    return terminal_event(endpoint, kind, message, sequence_number)
+
+
+def kind_names(kind: Kind) -> tuple[str, str | None, str]:
+    """(OpenAI type, OpenAI code, Anthropic type) of a kind, as each wire API names it."""
+    return openai_api.error_type(kind), openai_api.error_code(kind), anthropic_api.error_type(kind)
+
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 
@@ -75,8 +90,8 @@ def test_expected_table_covers_every_kind() -> None:
 
 @pytest.mark.parametrize("kind", ALL_KINDS, ids=lambda k: k.name)
 def test_kind_properties(kind: Kind) -> None:
-    assert (kind.openai_type, kind.openai_code, kind.anthropic_type) == EXPECTED[kind]
-    assert kind.anthropic_type in ANTHROPIC_ERROR_TYPES
+    assert kind_names(kind) == EXPECTED[kind]
+    assert kind_names(kind)[2] in ANTHROPIC_ERROR_TYPES
 
 
 # --- error_body ------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import base64
 import hashlib
 import hmac
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pydantic import SecretStr
 
 from gateway.config.schema import JwtConfig
 from gateway.jwtauth import JwtError, JwtIdentity, JwtVerifier, looks_like_jwt
+from tests.support import free_port
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -535,13 +535,6 @@ async def test_slow_idp_does_not_hold_start(
     verifier = await make_verifier(jwks_config(idp, jwks_timeout_s=0.2))
     assert loop.time() - began < 0.9
     await rejected(verifier, mint(keys.rsa), "unknown signing key")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def test_idp_down_at_start(

@@ -36,9 +36,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.appkeys import OUTCOME_SINKS
-from gateway.fakeprovider import fake_tokens
+from gateway.fake import fake_tokens
 from gateway.logs import configure_logging
-from gateway.pipeline import Outcome
+from gateway.report import Report
 from tests.support import (
     ANTHROPIC_KEYS,
     CALLER_KEY,
@@ -273,7 +273,7 @@ async def test_in_process_logs_hold_no_secret_or_prompt(
     provider = TracerProvider(shutdown_on_exit=False)
     provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
     gw = await gateway_factory(hygiene_extra(fake.url), tracer_provider=provider)
-    finished: list[Outcome] = []
+    finished: list[Report] = []
     gw.app[OUTCOME_SINKS].append(lambda o, _now: finished.append(o))
     work = Workload(gw.url)
     with production_logging():

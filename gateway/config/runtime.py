@@ -24,9 +24,9 @@ from gateway.config.schema import (
     TimeoutsConfig,
     TimeoutsOverride,
 )
-from gateway.errors import ApiFamily
 from gateway.keypool import KeyHealth, KeyPool, UpstreamKey, fingerprint
 from gateway.limits.base import LimitSpec
+from gateway.providers.base import ApiFamily
 from gateway.state import HealthStore, MemoryHealthStore
 
 

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from typing import Any
@@ -39,6 +38,7 @@ from gateway.limits.base import (
 )
 from gateway.limits.memory import MemoryLimiter
 from gateway.logs import get_logger
+from gateway.tasks import Tasks
 
 _log = get_logger("gateway.limits")
 
@@ -218,6 +218,7 @@ class RedisLimiter:
         self._release = self._redis.register_script(_RELEASE)
         self._held: dict[str, Lease] = {}
         self._renewer: asyncio.Task[None] | None = None
+        self._tasks = Tasks("redis-limiter")
         # Counters (exported as metrics): decisions taken without Redis, Redis errors.
         self.degraded_decisions = 0
         self.redis_errors = 0
@@ -350,9 +351,7 @@ class RedisLimiter:
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(
-                self._renew_loop(), name="redis-lease-renewer"
-            )
+            self._renewer = self._tasks.spawn(self._renew_loop(), "redis-lease-renewer")
 
     async def _renew_loop(self) -> None:
         while self._held:
@@ -374,8 +373,5 @@ class RedisLimiter:
             return False
 
     async def close(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        await self._tasks.cancel()
         await self._redis.aclose()

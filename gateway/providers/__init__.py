@@ -1,22 +1,42 @@
-"""Wire APIs the gateway speaks. A new wire API is one module here and its entry below."""
+"""Wire APIs the gateway speaks. A new wire API is one module implementing `WireApi`
+(gateway/providers/base.py) and its entry in `WIRE_APIS`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-import orjson
-
-from gateway import __version__
-from gateway.errors import ApiFamily
 from gateway.providers import anthropic, openai
-from gateway.providers.base import Endpoint, ParsedRequest, UpstreamRequest, as_int
+from gateway.providers.base import (
+    ApiFamily,
+    Endpoint,
+    ParsedRequest,
+    UpstreamRequest,
+    WireApi,
+)
 
 if TYPE_CHECKING:
     from gateway.config.runtime import ProviderSpec
 
-ENDPOINTS: tuple[Endpoint, ...] = openai.ENDPOINTS + anthropic.ENDPOINTS
+WIRE_APIS: Mapping[ApiFamily, WireApi] = MappingProxyType(
+    {ApiFamily.OPENAI: openai.API, ApiFamily.ANTHROPIC: anthropic.API}
+)
 
-_USER_AGENT = f"llm-stream-gateway/{__version__}"
+ENDPOINTS: tuple[Endpoint, ...] = tuple(e for api in WIRE_APIS.values() for e in api.endpoints)
+
+
+def wire_api(family: ApiFamily) -> WireApi:
+    return WIRE_APIS[family]
+
+
+def caller_api(path: str, headers: Mapping[str, str]) -> ApiFamily:
+    """The API a caller speaks, from what any request shows before it is routed: the Anthropic
+    SDK sends `anthropic-version` on every request (and uses /v1/messages); the OpenAI SDK
+    never does."""
+    if path.startswith("/v1/messages") or "anthropic-version" in headers:
+        return ApiFamily.ANTHROPIC
+    return ApiFamily.OPENAI
 
 
 def build_upstream_request(
@@ -26,66 +46,22 @@ def build_upstream_request(
     max_tokens_cap: int | None,
     secret: str,
 ) -> UpstreamRequest:
-    """One attempt's upstream request, built afresh from the untouched parsed original.
-
-    The model is rewritten to the deployment's name, the output cap clamped (or filled in
-    where the API has no bound of its own), and the caller's credentials replaced by `secret`.
-    """
-    endpoint = parsed.endpoint
-    body = dict(parsed.body)  # shallow: only top-level fields are rewritten
-    body["model"] = upstream_model
-    if parsed.inject_usage:
-        options = body.get("stream_options")
-        body["stream_options"] = {
-            **(options if isinstance(options, dict) else {}),
-            "include_usage": True,
-        }
-    if max_tokens_cap is not None and endpoint.cap_fields:
-        present = False
-        for cap_field in endpoint.cap_fields:
-            # An explicit null means "no limit" upstream: treat it as absent, not as a value.
-            if body.get(cap_field) is not None:
-                present = True
-                value = as_int(body[cap_field])
-                # The edge refuses non-integers; whatever got here is never sent above the cap.
-                if value is None or value > max_tokens_cap:
-                    body[cap_field] = max_tokens_cap
-        if not present and endpoint.fill_cap:
-            fill = (
-                provider.chat_max_tokens_field
-                if endpoint.path == "/v1/chat/completions"
-                else endpoint.cap_fields[0]
-            )
-            body[fill] = max_tokens_cap
-
-    headers: dict[str, str] = {
-        "content-type": "application/json",
-        # The relay forwards bytes as they arrive: a compressed upstream body would have to be
-        # inflated (and buffered by zlib) first.
-        "accept-encoding": "identity",
-        "user-agent": _USER_AGENT,
-    }
-    if provider.forward_exact or provider.forward_prefixes:
-        for raw_name, header_value in parsed.headers.items():
-            name = raw_name.lower()
-            if name in provider.forward_exact or name.startswith(provider.forward_prefixes):
-                headers[name] = header_value
-    headers.update(provider.headers)
-    if endpoint.family is ApiFamily.ANTHROPIC:
-        headers["x-api-key"] = secret
-        headers["anthropic-version"] = parsed.headers.get(
-            "anthropic-version", provider.anthropic_version
-        )
-        beta = parsed.headers.get("anthropic-beta")
-        if beta:
-            headers["anthropic-beta"] = beta
-    else:
-        headers["authorization"] = f"Bearer {secret}"
-    return UpstreamRequest(
-        url=provider.base_url + endpoint.upstream_path,
-        headers=headers,
-        body=orjson.dumps(body),
-    )
+    """One attempt's upstream request, built afresh from the untouched parsed original: the
+    model rewritten to the deployment's name, the output cap clamped (or filled in where the
+    API has no bound of its own), and the caller's credentials replaced by `secret`."""
+    api = WIRE_APIS[parsed.endpoint.family]
+    return api.build_request(parsed, provider, upstream_model, max_tokens_cap, secret)
 
 
-__all__ = ["ENDPOINTS", "Endpoint", "ParsedRequest", "UpstreamRequest", "build_upstream_request"]
+__all__ = [
+    "ENDPOINTS",
+    "WIRE_APIS",
+    "ApiFamily",
+    "Endpoint",
+    "ParsedRequest",
+    "UpstreamRequest",
+    "WireApi",
+    "build_upstream_request",
+    "caller_api",
+    "wire_api",
+]

@@ -1,14 +1,31 @@
-"""Anthropic Messages wire API: endpoints and the stream observer."""
+"""Anthropic Messages wire API: endpoints, request building, the stream observer, error
+formats, model lists."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.errors import ApiFamily
-from gateway.providers.base import Endpoint, StreamFacts, Usage, as_int, short
+from gateway.errors import Kind
+from gateway.providers.base import (
+    ApiFamily,
+    Endpoint,
+    ParsedRequest,
+    StreamFacts,
+    Stripper,
+    UpstreamRequest,
+    Usage,
+    as_int,
+    short,
+)
+from gateway.providers.common import base_headers, rewritten_body, upstream_request
 from gateway.sse import SSEEvent
+
+if TYPE_CHECKING:
+    from gateway.config.runtime import ProviderSpec
+    from gateway.limits.base import LimitSpec
 
 
 def _loads(data: bytes) -> dict[str, Any] | None:
@@ -116,3 +133,101 @@ ENDPOINTS = (
         streams=False,
     ),
 )
+
+
+# Kind -> the Anthropic API's error type.
+_ERRORS: dict[Kind, str] = {
+    Kind.INVALID_REQUEST: "invalid_request_error",
+    Kind.AUTHENTICATION: "authentication_error",
+    Kind.PERMISSION: "permission_error",
+    Kind.NOT_FOUND: "not_found_error",
+    Kind.ROUTE_NOT_FOUND: "not_found_error",
+    Kind.METHOD_NOT_ALLOWED: "invalid_request_error",
+    Kind.TOO_LARGE: "request_too_large",
+    Kind.REQUEST_TIMEOUT: "invalid_request_error",
+    Kind.RATE_LIMITED: "rate_limit_error",
+    Kind.UPSTREAM_UNAVAILABLE: "api_error",
+    Kind.UPSTREAM_TIMEOUT: "timeout_error",
+    Kind.UPSTREAM_ERROR: "api_error",
+    Kind.UPSTREAM_CREDENTIALS: "api_error",
+    Kind.OVERLOADED: "overloaded_error",
+    Kind.LIMITER_UNAVAILABLE: "api_error",
+    Kind.INTERNAL: "api_error",
+}
+
+
+def error_type(kind: Kind) -> str:
+    return _ERRORS[kind]
+
+
+class AnthropicApi:
+    """The Anthropic Messages wire API behind the `WireApi` seam."""
+
+    family = ApiFamily.ANTHROPIC
+    endpoints: tuple[Endpoint, ...] = ENDPOINTS
+    request_id_header = "request-id"
+
+    def build_request(
+        self,
+        parsed: ParsedRequest,
+        provider: ProviderSpec,
+        model: str,
+        cap: int | None,
+        secret: str,
+    ) -> UpstreamRequest:
+        body = rewritten_body(parsed, provider, model, cap)
+        headers = base_headers(parsed, provider)
+        headers["x-api-key"] = secret
+        headers["anthropic-version"] = parsed.headers.get(
+            "anthropic-version", provider.anthropic_version
+        )
+        beta = parsed.headers.get("anthropic-beta")
+        if beta:
+            headers["anthropic-beta"] = beta
+        return upstream_request(parsed, provider, body, headers)
+
+    def usage_from_body(self, body: bytes) -> Usage | None:
+        return usage_from_body(body)
+
+    def error_body(
+        self, kind: Kind, message: str, *, param: str | None, request_id: str | None
+    ) -> bytes:
+        body: dict[str, object] = {
+            "type": "error",
+            "error": {"type": _ERRORS[kind], "message": message},
+        }
+        if request_id is not None:
+            body["request_id"] = request_id
+        return orjson.dumps(body)
+
+    def terminal_event(self, endpoint: Endpoint, kind: Kind, message: str, sequence: int) -> bytes:
+        payload = orjson.dumps(
+            {"type": "error", "error": {"type": _ERRORS[kind], "message": message}}
+        )
+        return b"event: error\ndata: " + payload + b"\n\n"
+
+    def injects_usage(self, parsed: ParsedRequest, limits: LimitSpec | None) -> bool:
+        return False  # every Messages stream carries its usage
+
+    def usage_stripper(self) -> Stripper:
+        raise NotImplementedError("Messages streams carry usage: nothing is injected")
+
+    def model_list(self, names: Sequence[str]) -> dict[str, Any]:
+        data = [self.model_object(n) for n in names]
+        return {
+            "data": data,
+            "has_more": False,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+
+    def model_object(self, name: str) -> dict[str, Any]:
+        return {
+            "type": "model",
+            "id": name,
+            "display_name": name,
+            "created_at": "1970-01-01T00:00:00Z",
+        }
+
+
+API = AnthropicApi()

@@ -1,5 +1,11 @@
-"""What every wire API module provides: its endpoints, upstream request building, and a stream
-observer that reads first token / usage / finish / in-band errors off decoded SSE events.
+"""The wire-API seam: what every wire API module provides (`WireApi`), and the values that
+cross it.
+
+A wire API knows its endpoints, how to build an upstream request (credentials, output caps,
+usage injection), how to read usage off a body, its stream observers (first token, usage,
+finish, in-band errors off decoded SSE events), its error format (HTTP bodies and the
+terminal SSE event), its usage stripping and its model list. A new wire API is one module
+implementing `WireApi` and one entry in `gateway.providers.WIRE_APIS`.
 
 Observers only look; they never alter what the client receives. They are fed every event of
 a stream, so each `on_event` does the least it can: event-name checks and substring probes
@@ -8,12 +14,25 @@ first, JSON parsing only for the few events that carry what is looked for.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import enum
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.errors import ApiFamily
 from gateway.sse import SSEEvent
+
+if TYPE_CHECKING:
+    from gateway.config.runtime import ProviderSpec
+    from gateway.errors import Kind
+    from gateway.limits.base import LimitSpec
+
+
+class ApiFamily(enum.Enum):
+    """The wire API a caller speaks: it decides the error format and the stream framing (the
+    key of `gateway.providers.WIRE_APIS`)."""
+
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +93,10 @@ class UpstreamRequest:
     body: bytes
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ParsedRequest:
-    """The caller's request, parsed once at the edge. Every attempt is built from it afresh."""
+    """The caller's request, parsed once at the edge. Every attempt is built from it afresh
+    (its body dict is never modified)."""
 
     endpoint: Endpoint
     body: dict[str, Any]
@@ -85,6 +105,57 @@ class ParsedRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
     # Ask upstream for the usage chunk the caller did not request (stripped again on the way).
     inject_usage: bool = False
+
+
+class Stripper(Protocol):
+    """Removes from a stream what the gateway asked the upstream for on the caller's behalf."""
+
+    active: bool
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+class WireApi(Protocol):
+    """Everything one wire API knows (one module per API, registered in WIRE_APIS)."""
+
+    family: ApiFamily
+    endpoints: tuple[Endpoint, ...]
+    request_id_header: str  # the answer header its SDK reads the request id from
+
+    def build_request(
+        self,
+        parsed: ParsedRequest,
+        provider: ProviderSpec,
+        model: str,
+        cap: int | None,
+        secret: str,
+    ) -> UpstreamRequest:
+        """One attempt's upstream request, built from the untouched parsed original."""
+
+    def usage_from_body(self, body: bytes) -> Usage | None:
+        """Usage of a non-stream answer body."""
+
+    def error_body(
+        self, kind: Kind, message: str, *, param: str | None, request_id: str | None
+    ) -> bytes:
+        """The JSON error body its SDK parses (and raises the matching exception for)."""
+
+    def terminal_event(self, endpoint: Endpoint, kind: Kind, message: str, sequence: int) -> bytes:
+        """The one final SSE error event the gateway writes into a committed stream."""
+
+    def injects_usage(self, parsed: ParsedRequest, limits: LimitSpec | None) -> bool:
+        """Whether the gateway asks upstream for usage the caller did not ask for."""
+
+    def usage_stripper(self) -> Stripper:
+        """What removes that injected usage again (only called when `injects_usage`)."""
+
+    def model_list(self, names: Sequence[str]) -> dict[str, Any]:
+        """`GET /v1/models` in this API's format."""
+
+    def model_object(self, name: str) -> dict[str, Any]:
+        """`GET /v1/models/{id}` in this API's format."""
 
 
 def as_int(value: object) -> int | None:

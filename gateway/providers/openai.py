@@ -1,14 +1,30 @@
-"""OpenAI wire API (and every OpenAI-compatible server): endpoints and stream observers."""
+"""OpenAI wire API (and every OpenAI-compatible server): endpoints, request building, stream
+observers, error formats, usage injection and stripping, model lists."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.errors import ApiFamily
-from gateway.providers.base import Endpoint, StreamFacts, Usage, as_int, short
+from gateway.errors import Kind
+from gateway.providers.base import (
+    ApiFamily,
+    Endpoint,
+    ParsedRequest,
+    StreamFacts,
+    UpstreamRequest,
+    Usage,
+    as_int,
+    short,
+)
+from gateway.providers.common import base_headers, rewritten_body, upstream_request
 from gateway.sse import SSEEvent
+
+if TYPE_CHECKING:
+    from gateway.config.runtime import ProviderSpec
+    from gateway.limits.base import LimitSpec
 
 _DONE = b"[DONE]"
 # Substring probes on the raw event: OpenAI sends compact JSON, so a chunk that carries a
@@ -208,6 +224,63 @@ class ResponsesObserver:
         return None
 
 
+class UsageStripper:
+    """Removes what `stream_options.include_usage` added to an OpenAI stream: the `"usage":null`
+    member of every chunk and the usage-only chunk before `[DONE]`, so that the client's bytes
+    are what it would have got had the gateway not asked. Works on whole events (LF framing,
+    as OpenAI sends); an event still incomplete is held until its end arrives, up to
+    `MAX_HELD` bytes: past that (an event longer than any real chunk) the stripper stops for
+    the rest of the stream and passes bytes through unchanged, so memory and work per stream
+    stay bounded."""
+
+    __slots__ = ("_pending", "active")
+
+    MAX_HELD = 64 * 1024
+    _NULL = b',"usage":null'
+    _BOUNDARY = b"\n\n"
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.active = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self.active:
+            return chunk
+        data = self._pending + chunk if self._pending else chunk
+        if not self._pending and b"\r" in chunk:
+            # Not the framing this was built for: pass everything through untouched.
+            self.active = False
+            return data
+        end = data.rfind(self._BOUNDARY)
+        if end < 0:
+            return self._hold(data)
+        complete, rest = data[: end + 2], data[end + 2 :]
+        return self._strip(complete) + self._hold(rest)
+
+    def flush(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+    def _hold(self, rest: bytes) -> bytes:
+        """Keep an incomplete event for later, or give up on stripping when it is too long."""
+        if len(rest) > self.MAX_HELD:
+            self.active = False
+            self._pending = b""
+            return rest
+        self._pending = rest
+        return b""
+
+    def _strip(self, events: bytes) -> bytes:
+        if b'"choices":[]' in events and b'"usage":{' in events:
+            kept = [
+                e
+                for e in events.split(self._BOUNDARY)
+                if not (b'"choices":[]' in e and b'"usage":{' in e)
+            ]
+            events = self._BOUNDARY.join(kept)
+        return events.replace(self._NULL, b"")
+
+
 def next_sequence_number(observer: object) -> int:
     """For a gateway-written event at the end of `observer`'s stream: the Responses API's next
     sequence number (other APIs do not number events: 0)."""
@@ -265,3 +338,108 @@ ENDPOINTS = (
         streams=False,
     ),
 )
+
+
+# Kind -> (error type, error code) as the OpenAI API and its SDK name them.
+_ERRORS: dict[Kind, tuple[str, str | None]] = {
+    Kind.INVALID_REQUEST: ("invalid_request_error", None),
+    Kind.AUTHENTICATION: ("invalid_request_error", "invalid_api_key"),
+    Kind.PERMISSION: ("invalid_request_error", "model_not_allowed"),
+    Kind.NOT_FOUND: ("invalid_request_error", "model_not_found"),
+    Kind.ROUTE_NOT_FOUND: ("invalid_request_error", "unknown_url"),
+    Kind.METHOD_NOT_ALLOWED: ("invalid_request_error", "method_not_allowed"),
+    Kind.TOO_LARGE: ("invalid_request_error", "request_too_large"),
+    Kind.REQUEST_TIMEOUT: ("invalid_request_error", "request_timeout"),
+    Kind.RATE_LIMITED: ("rate_limit_exceeded", "rate_limit_exceeded"),
+    Kind.UPSTREAM_UNAVAILABLE: ("server_error", "upstream_unavailable"),
+    Kind.UPSTREAM_TIMEOUT: ("server_error", "upstream_timeout"),
+    Kind.UPSTREAM_ERROR: ("server_error", "upstream_error"),
+    Kind.UPSTREAM_CREDENTIALS: ("server_error", "upstream_credentials"),
+    Kind.OVERLOADED: ("server_error", "overloaded"),
+    Kind.LIMITER_UNAVAILABLE: ("server_error", "rate_limiter_unavailable"),
+    Kind.INTERNAL: ("server_error", None),
+}
+# Streams whose usage chunk the gateway may ask for (Responses always carries usage).
+_INJECT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def error_type(kind: Kind) -> str:
+    return _ERRORS[kind][0]
+
+
+def error_code(kind: Kind) -> str | None:
+    return _ERRORS[kind][1]
+
+
+class OpenAIApi:
+    """The OpenAI wire API behind the `WireApi` seam."""
+
+    family = ApiFamily.OPENAI
+    endpoints: tuple[Endpoint, ...] = ENDPOINTS
+    request_id_header = "x-request-id"
+
+    def build_request(
+        self,
+        parsed: ParsedRequest,
+        provider: ProviderSpec,
+        model: str,
+        cap: int | None,
+        secret: str,
+    ) -> UpstreamRequest:
+        body = rewritten_body(parsed, provider, model, cap)
+        if parsed.inject_usage:
+            options = body.get("stream_options")
+            body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+        headers = base_headers(parsed, provider)
+        headers["authorization"] = f"Bearer {secret}"
+        return upstream_request(parsed, provider, body, headers)
+
+    def usage_from_body(self, body: bytes) -> Usage | None:
+        return usage_from_body(body)
+
+    def error_body(
+        self, kind: Kind, message: str, *, param: str | None, request_id: str | None
+    ) -> bytes:
+        kind_type, code = _ERRORS[kind]
+        return orjson.dumps(
+            {"error": {"message": message, "type": kind_type, "param": param, "code": code}}
+        )
+
+    def terminal_event(self, endpoint: Endpoint, kind: Kind, message: str, sequence: int) -> bytes:
+        if endpoint.is_responses:
+            payload = orjson.dumps(
+                {
+                    "type": "error",
+                    "code": error_code(kind),
+                    "message": message,
+                    "param": None,
+                    "sequence_number": sequence,
+                }
+            )
+            return b"event: error\ndata: " + payload + b"\n\n"
+        return b"data: " + self.error_body(kind, message, param=None, request_id=None) + b"\n\n"
+
+    def injects_usage(self, parsed: ParsedRequest, limits: LimitSpec | None) -> bool:
+        """A Chat/Completions stream under a token limit whose caller did not ask for the usage
+        chunk: the gateway asks upstream and strips it again before the client sees it."""
+        if limits is None or limits.tokens_per_minute is None or not parsed.stream:
+            return False
+        if parsed.endpoint.path not in _INJECT_PATHS:
+            return False
+        options = parsed.body.get("stream_options")
+        return not (isinstance(options, dict) and options.get("include_usage") is True)
+
+    def usage_stripper(self) -> UsageStripper:
+        return UsageStripper()
+
+    def model_list(self, names: Sequence[str]) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_object(n) for n in names]}
+
+    def model_object(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "llm-gateway"}
+
+
+API = OpenAIApi()

@@ -15,8 +15,8 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.appkeys import OUTCOME_SINKS
-from gateway.fakeprovider import RequestRecord
-from gateway.pipeline import Outcome
+from gateway.fake import RequestRecord
+from gateway.report import Report
 from tests.support import (
     CALLER_KEY,
     FALLBACK_KEYS,
@@ -90,7 +90,7 @@ class Result:
     headers: CIMultiDict[str]
     body: bytes
     records: list[RequestRecord]
-    outcome: Outcome
+    outcome: Report
     elapsed: float
 
 
@@ -117,7 +117,7 @@ async def call(
     global _session
     _session += 1
     session_id = f"s{_session}"
-    outcomes: list[Outcome] = []
+    outcomes: list[Report] = []
     sink = lambda o, _now: outcomes.append(o)  # noqa: E731
     gw.app[OUTCOME_SINKS].append(sink)
     if path == "/v1/messages":

@@ -61,6 +61,17 @@ def chat(model: str = "gpt-test", **fields: Any) -> dict[str, Any]:
     return {"model": model, "messages": MESSAGES, **fields}
 
 
+async def access_lines(gw: Served, n: int) -> list[dict[str, Any]]:
+    """The gateway's JSON log lines, once `n` access lines are written (within 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [orjson.loads(line) for line in gw.log_text().splitlines() if line.startswith("{")]
+        if sum(line.get("event") == "request" for line in lines) >= n:
+            return lines
+        assert time.monotonic() < deadline, f"fewer than {n} access lines"
+        await asyncio.sleep(0.05)
+
+
 async def scrape(gw: Served) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as resp:
         text = await resp.text()
@@ -557,8 +568,7 @@ async def test_every_answer_has_a_request_id_the_access_log_knows(serve: Any) ->
         async with aiohttp.ClientSession() as session:
             async with session.get(gw.url + "/no/such/path") as resp:
                 route_id = resp.headers.get("x-request-id")
-        await asyncio.sleep(0.2)
-        lines = [orjson.loads(line) for line in gw.log_text().splitlines() if line.startswith("{")]
+        lines = await access_lines(gw, 4)
     logged = {line.get("request_id") for line in lines if line.get("event") == "request"}
     logged |= {line.get("upstream_request_id") for line in lines if line.get("event") == "request"}
     for request_id in (auth_err.value.request_id, missing.value.request_id, ok.request_id):
@@ -580,8 +590,7 @@ async def test_timing_figures_have_sub_millisecond_resolution(serve: Any) -> Non
                 gw.url + "/v1/chat/completions", chat(stream=True), {**OA, "x-fake-chunks": "2"}
             )
             figures.append(float(headers["x-gateway-overhead-ms"]))
-        await asyncio.sleep(0.2)
-        lines = [orjson.loads(line) for line in gw.log_text().splitlines() if line.startswith("{")]
+        lines = await access_lines(gw, 20)
     ttfts = [line["ttft_ms"] for line in lines if "ttft_ms" in line]
     assert len(ttfts) == 20
     # Under uvloop the loop clock ticks in whole milliseconds; these figures must not.
@@ -847,8 +856,7 @@ async def test_a_clean_end_after_the_finish_reason_is_a_complete_stream(serve: A
             chat(stream=True),
             {**OA, "x-fake-truncate-after": "2"},
         )
-        await asyncio.sleep(0.2)
-        lines = [orjson.loads(line) for line in gw.log_text().splitlines() if line.startswith("{")]
+        lines = await access_lines(gw, 4)
     assert status == 200
     assert b"[DONE]" not in raw and b'"error"' not in raw
     assert chunks[-1].choices[0].finish_reason == "stop"

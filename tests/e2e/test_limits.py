@@ -16,7 +16,7 @@ import pytest
 
 from gateway.appkeys import LIMITER, OUTCOME_SINKS
 from gateway.limits.memory import MemoryLimiter
-from gateway.pipeline import Outcome
+from gateway.report import Report
 from tests.support import CALLER_KEY, FALLBACK_KEYS, Fake, Gateway, GatewayFactory
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -39,8 +39,8 @@ def auth(**headers: str) -> dict[str, str]:
     return {"authorization": f"Bearer {CALLER_KEY}", **headers}
 
 
-def capture(gw: Gateway) -> list[Outcome]:
-    outcomes: list[Outcome] = []
+def capture(gw: Gateway) -> list[Report]:
+    outcomes: list[Report] = []
     gw.app[OUTCOME_SINKS].append(lambda o, _now: outcomes.append(o))
     return outcomes
 

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from gateway.appkeys import OUTCOME_SINKS
-from gateway.fakeprovider import estimate_prompt_tokens
-from gateway.pipeline import Outcome
+from gateway.fake import estimate_prompt_tokens
+from gateway.report import Report
 from tests.support import (
     CALLER_KEY,
     OTHER_CALLER_KEY,
@@ -182,7 +182,7 @@ async def test_metrics_match_a_mixed_workload_exactly(
     gateway_factory: GatewayFactory, fake: Fake
 ) -> None:
     gw = await gateway_factory(mixed_config(fake.url))
-    finished: list[Outcome] = []
+    finished: list[Report] = []
     gw.app[OUTCOME_SINKS].append(lambda o, _now: finished.append(o))
     async with aiohttp.ClientSession() as session:
         w = Workload(gw, session)

@@ -18,15 +18,9 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.support import CALLER_KEY, Gateway, require_binary
+from tests.support import CALLER_KEY, Gateway, free_port, require_binary
 
 SITE = Path(__file__).parents[2] / "deploy" / "nginx" / "gateway.conf"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def site_for(gateway_port: int, listen_port: int) -> str:
@@ -43,7 +37,7 @@ def site_for(gateway_port: int, listen_port: int) -> str:
 async def nginx(gateway: Gateway, tmp_path: Path) -> AsyncIterator[str]:
     binary = require_binary("nginx")
     gateway_port = int(gateway.url.rsplit(":", 1)[1])
-    port = _free_port()
+    port = free_port()
     tmp_path.chmod(0o755)
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp_path / sub).mkdir()

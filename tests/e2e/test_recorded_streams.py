@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from gateway.appkeys import OUTCOME_SINKS
-from gateway.pipeline import Outcome
+from gateway.report import Report
 from tests.support import CALLER_KEY, RECORDINGS, Fake, Gateway
 
 MANIFEST = json.loads((RECORDINGS / "manifest.json").read_text())
@@ -98,7 +98,7 @@ CASES = [
 async def test_replay_through_gateway(
     gateway: Gateway, fake: Fake, api: str, file: str, part: int
 ) -> None:
-    outcomes: list[Outcome] = []
+    outcomes: list[Report] = []
     gateway.app[OUTCOME_SINKS].append(lambda o, _now: outcomes.append(o))
     name = file.removesuffix(".chunks.jsonl")
     if api == "openai-chat":

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from gateway.appkeys import OUTCOME_SINKS
-from gateway.pipeline import Outcome
+from gateway.report import Report
 from tests.support import CALLER_KEY, UPSTREAM_KEYS, Fake, Gateway, GatewayFactory
 
 CHAT = "/v1/chat/completions"
@@ -29,8 +29,8 @@ def auth(**headers: str) -> dict[str, str]:
     return {"authorization": f"Bearer {CALLER_KEY}", "content-type": "application/json", **headers}
 
 
-def capture(gw: Gateway) -> list[Outcome]:
-    outcomes: list[Outcome] = []
+def capture(gw: Gateway) -> list[Report]:
+    outcomes: list[Report] = []
     gw.app[OUTCOME_SINKS].append(lambda o, _now: outcomes.append(o))
     return outcomes
 

@@ -6,7 +6,7 @@ import anthropic
 import openai
 import pytest
 
-from gateway.fakeprovider import fake_tokens
+from gateway.fake import fake_tokens
 from tests.support import (
     ANTHROPIC_KEYS,
     CALLER_KEY,

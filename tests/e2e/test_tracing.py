@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from yarl import URL
 
-from gateway.fakeprovider import RequestRecord, estimate_prompt_tokens
+from gateway.fake import RequestRecord, estimate_prompt_tokens
 from tests.support import (
     CALLER_KEY,
     PROMPT_CANARIES,
