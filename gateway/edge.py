@@ -94,6 +94,14 @@ class Edge:
         self.endpoint = endpoint
         self.budget = budget
         self.capture_content = capture_content  # the prompt on the server span (opt-in)
+        self._limits: tuple[Runtime, BodyLimits] | None = None  # of the runtime last seen
+
+    def limits(self, runtime: Runtime) -> BodyLimits:
+        """The body bounds of `runtime` (compiled once per runtime: a reload swaps it)."""
+        cached = self._limits
+        if cached is None or cached[0] is not runtime:
+            cached = self._limits = (runtime, BodyLimits.of(runtime))
+        return cached[1]
 
     async def accept(
         self, request: web.Request, runtime: Runtime, caller: Caller, report: Report
@@ -101,7 +109,7 @@ class Edge:
         """Read the body (bounded), parse it once, route it and estimate its tokens. The
         body's bytes count against the shared budget until the parse is done; only the parsed
         request lives on. Raises GatewayError in the caller's terms."""
-        limits = BodyLimits.of(runtime)
+        limits = self.limits(runtime)
         body = await read_body(request, limits, self.budget)
         try:
             raw = body.data
@@ -126,8 +134,10 @@ class Edge:
                 )
             )
         route = resolve_route(runtime, caller, parsed)
-        api = WIRE_APIS[parsed.endpoint.family]
-        parsed = dataclasses.replace(parsed, inject_usage=api.injects_usage(parsed, caller.limits))
+        if caller.limits is not None and WIRE_APIS[parsed.endpoint.family].injects_usage(
+            parsed, caller.limits
+        ):
+            parsed = dataclasses.replace(parsed, inject_usage=True)
         estimate = estimate_tokens(size, parsed, route)
         report.routed(route.name, estimate)
         return Request(parsed, caller, route, estimate)

@@ -33,7 +33,7 @@ from gateway.providers.base import Stripper
 from gateway.providers.openai import next_sequence_number
 from gateway.render import terminal_event
 from gateway.report import Outcome, Report
-from gateway.sse import SSEError
+from gateway.sse import SSEError, SSEEvent
 from gateway.telemetry import Telemetry
 from gateway.upstream import OpenStream
 
@@ -125,6 +125,13 @@ class _Watchdog:
                 self._task.cancel()
                 return
         self._handle = self._loop.call_later(max(self._next(now) - now, 0.001), self._check)
+
+    def claim(self) -> bool:
+        """Whether the cancellation being handled is this watchdog's own (and only its own:
+        a client that went away at the same time wins)."""
+        if self.fired is None and not self.keepalive_due:
+            return False
+        return self._task.uncancel() == 0
 
     def resume(self) -> None:
         """After a keep-alive was written: clear the signal and re-arm."""
@@ -227,64 +234,76 @@ class StreamOwner:
     async def _loop(self, response: web.StreamResponse, watchdog: _Watchdog) -> Outcome:
         # The hot path: locals only, one clock read per chunk (the write's end, the events'
         # time and the start of the next wait).
-        content = self.stream.response.content
-        write = response.write
-        feed = self.stream.decoder.feed
-        on_event = self.stream.observer.on_event
-        facts = self.stream.facts
-        stripper = self.stripper
+        content, write = self.stream.response.content, response.write
+        feed, on_event = self.stream.decoder.feed, self.stream.observer.on_event
+        facts, stripper = self.stream.facts, self.stripper
         first_token = self._first_token if facts.first_token_at is None else None
         clock = time.perf_counter
         now = clock()
+        out = self.out
         resumed = False  # back from a keep-alive: the upstream's silence goes on
-        while True:
-            try:
-                if not resumed:
-                    watchdog.waiting_since = now
-                resumed = False
-                chunk = await content.readany()
-                watchdog.waiting_since = None
-                if stripper is None:
-                    visible = chunk
-                else:
-                    visible = stripper.feed(chunk) if chunk else stripper.flush()
+        try:
+            while True:
                 try:
-                    if visible:
-                        await write(visible)
-                except ConnectionResetError:
-                    return Outcome.CLIENT_CANCEL
-                if not chunk:
-                    return Outcome.OK
-                self.out += len(visible)
-                now = clock()
-                watchdog.last_write = now
-                if self.observing:
+                    if not resumed:
+                        watchdog.waiting_since = now
+                    resumed = False
+                    chunk = await content.readany()
+                    watchdog.waiting_since = None
+                    if stripper is None:
+                        visible = chunk
+                    else:
+                        visible = stripper.feed(chunk) if chunk else stripper.flush()
                     try:
-                        events = feed(chunk)
-                    except SSEError:
-                        self.observing = False  # observation is best effort: never fatal
-                        continue
-                    if events:
+                        if visible:
+                            await write(visible)
+                    except ConnectionResetError:
+                        return Outcome.CLIENT_CANCEL
+                    if not chunk:
+                        return Outcome.OK
+                    out += len(visible)
+                    now = clock()
+                    watchdog.last_write = now
+                    if self.observing and (events := self._observe(feed, chunk)):
                         for event in events:
                             on_event(event, now)
                         facts.last_event_at = now
                         if first_token is not None and facts.first_token_at is not None:
                             first_token()
                             first_token = None
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                assert task is not None
-                fired = watchdog.fired
-                if (fired is None and not watchdog.keepalive_due) or task.uncancel() != 0:
-                    raise  # not the watchdog's: the client went away (the handler is cancelled)
-                if fired is not None:
-                    return fired
-                if not await self._keepalive(write):
-                    return Outcome.CLIENT_CANCEL
-                watchdog.resume()
-                resumed = True
-            except (aiohttp.ClientError, OSError):
-                return Outcome.PAYLOAD_ERROR
+                except asyncio.CancelledError:
+                    if not watchdog.claim():
+                        raise  # not the watchdog's: the client went away
+                    fired = await self._interrupted(watchdog, write)
+                    if fired is not None:
+                        return fired
+                    resumed = True
+                except (aiohttp.ClientError, OSError):
+                    return Outcome.PAYLOAD_ERROR
+        finally:
+            self.out = out
+
+    def _observe(self, feed: Callable[[bytes], list[SSEEvent]], chunk: bytes) -> list[SSEEvent]:
+        """The chunk's complete events; observation is best effort: a stream that is not SSE
+        stops being observed, never relayed."""
+        try:
+            return feed(chunk)
+        except SSEError:
+            self.observing = False
+            return []
+
+    async def _interrupted(
+        self, watchdog: _Watchdog, write: Callable[[bytes], Awaitable[None]]
+    ) -> Outcome | None:
+        """The watchdog interrupted a read: its outcome, or None after a keep-alive comment
+        (relaying goes on)."""
+        fired = watchdog.fired
+        if fired is not None:
+            return fired
+        if not await self._keepalive(write):
+            return Outcome.CLIENT_CANCEL
+        watchdog.resume()
+        return None
 
     @staticmethod
     async def _keepalive(write: Callable[[bytes], Awaitable[None]]) -> bool:
