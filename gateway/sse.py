@@ -148,55 +148,9 @@ class SSEDecoder:
         events completed earlier in the same chunk are then lost, and the decoder refuses all
         further input.
         """
-        if self._failed:
-            raise SSELineTooLong("SSE decoder stopped after an earlier oversized line")
-        if type(chunk) is not bytes:
-            chunk = bytes(chunk)
-        size = len(chunk)
-        if not size:
+        lines = self._lines(chunk)
+        if not lines:
             return []
-        self._bytes_fed += size
-
-        if self._bom_pending is not None:
-            chunk = self._strip_bom(chunk)
-            if not chunk:
-                return []
-        if self._skip_lf:
-            self._skip_lf = False
-            if chunk[0] == _LF:
-                chunk = chunk[1:]
-                if not chunk:
-                    return []
-
-        last = chunk[-1]
-        partial = self._partial
-        if partial:
-            if b"\n" not in chunk and b"\r" not in chunk:
-                # Still inside the same line: grow the pending bytes (amortised, so a long
-                # line arriving in many small chunks stays linear).
-                partial += chunk
-                if len(partial) > self._max:
-                    self._fail("SSE line exceeds max_line_bytes")
-                return []
-            chunk = b"".join((partial, chunk))
-            partial.clear()
-
-        lines = chunk.splitlines()
-        if last == _CR:
-            self._skip_lf = True
-        elif last != _LF:
-            tail = lines.pop()
-            if len(tail) > self._max:
-                self._fail("SSE line exceeds max_line_bytes")
-            partial += tail
-            if not lines:
-                return []
-        if len(chunk) > self._max:
-            # Only a chunk longer than the cap can hold an oversized complete line.
-            for line in lines:
-                if len(line) > self._max:
-                    self._fail("SSE line exceeds max_line_bytes")
-
         # The event state lives in locals for the loop (attribute access is the main cost
         # here) and is written back at the end; on an exception the decoder is dead anyway.
         out: list[SSEEvent] = []
@@ -258,6 +212,60 @@ class SSEDecoder:
         if out:
             self._events += len(out)
         return out
+
+    def _lines(self, chunk: bytes | bytearray | memoryview) -> list[bytes]:
+        """The complete lines `chunk` ends (joined with what was pending), line ends
+        removed; what follows the last line end is kept pending. Raises SSELineTooLong."""
+        if self._failed:
+            raise SSELineTooLong("SSE decoder stopped after an earlier oversized line")
+        if type(chunk) is not bytes:
+            chunk = bytes(chunk)
+        size = len(chunk)
+        if not size:
+            return []
+        self._bytes_fed += size
+
+        if self._bom_pending is not None:
+            chunk = self._strip_bom(chunk)
+            if not chunk:
+                return []
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[0] == _LF:
+                chunk = chunk[1:]
+                if not chunk:
+                    return []
+
+        last = chunk[-1]
+        partial = self._partial
+        if partial:
+            if b"\n" not in chunk and b"\r" not in chunk:
+                # Still inside the same line: grow the pending bytes (amortised, so a long
+                # line arriving in many small chunks stays linear).
+                partial += chunk
+                if len(partial) > self._max:
+                    self._fail("SSE line exceeds max_line_bytes")
+                return []
+            chunk = b"".join((partial, chunk))
+            partial.clear()
+
+        lines = chunk.splitlines()
+        if last == _CR:
+            self._skip_lf = True
+        elif last != _LF:
+            tail = lines.pop()
+            if len(tail) > self._max:
+                self._fail("SSE line exceeds max_line_bytes")
+            partial += tail
+            if not lines:
+                return []
+        if len(chunk) > self._max:
+            # Only a chunk longer than the cap can hold an oversized complete line.
+            for line in lines:
+                if len(line) > self._max:
+                    self._fail("SSE line exceeds max_line_bytes")
+
+        return lines
 
     def _check_data_size(self, data: list[bytes], added: int) -> None:
         """Account for one more data line of ``added`` bytes; raise past the cap.
