@@ -86,21 +86,18 @@ class Ticket:
     async def _settle_caller(
         self, decision: Decision, spec: LimitSpec, report: Report, actual: int | None, reached: bool
     ) -> None:
-        if decision.lease is not None:
-            await self.limiter.release(decision.lease)
-        caller = self.request.caller.id
-        if spec.tokens_per_minute is None:
-            return
-        if actual is None:
-            if not reached:  # nothing reached the upstream at all
-                await self.limiter.reconcile(caller, spec, -decision.reserved_tokens)
-            return
-        report.reconciled = actual - decision.reserved_tokens
-        report.span.add_event(
-            "gateway.reservation_reconciled",
-            {"reserved_tokens": decision.reserved_tokens, "used_tokens": actual},
-        )
-        await self.limiter.reconcile(caller, spec, report.reconciled)
+        # The slots and the token reconciliation in one call (one round trip on Redis).
+        delta = 0
+        if spec.tokens_per_minute is not None:
+            if actual is not None:
+                delta = report.reconciled = actual - decision.reserved_tokens
+                report.span.add_event(
+                    "gateway.reservation_reconciled",
+                    {"reserved_tokens": decision.reserved_tokens, "used_tokens": actual},
+                )
+            elif not reached:  # nothing reached the upstream at all
+                delta = -decision.reserved_tokens
+        await self.limiter.settle(decision.lease, self.request.caller.id, spec, delta)
 
 
 @contextlib.asynccontextmanager

@@ -65,7 +65,10 @@ def _connect_trace() -> aiohttp.TraceConfig:
     return config
 
 
-def _client_ctx(runtime: Runtime) -> Callable[[web.Application], AsyncIterator[None]]:
+def _client_ctx(runtime: Runtime, timed: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The upstream HTTP client; `timed`: with the connect-timing hooks (only spans use them:
+    aiohttp runs its trace machinery for every request once any hook is configured)."""
+
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(
             limit=runtime.server.max_upstream_connections,
@@ -79,7 +82,7 @@ def _client_ctx(runtime: Runtime) -> Callable[[web.Application], AsyncIterator[N
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None),
             skip_auto_headers=("User-Agent",),
-            trace_configs=[_connect_trace()],
+            trace_configs=[_connect_trace()] if timed else None,
         )
         app[HTTP_CLIENT] = session
         yield
@@ -189,7 +192,7 @@ def create_app(
         sinks.append(access_log)
     app[OUTCOME_SINKS] = sinks
     # Order matters: the HTTP client first (the JWKS fetch uses it), torn down last.
-    app.cleanup_ctx.append(_client_ctx(runtime))
+    app.cleanup_ctx.append(_client_ctx(runtime, tel.enabled))
     app.cleanup_ctx.append(_limiter_ctx(app[LIMITER]))
     app.cleanup_ctx.append(_jwt_ctx)
     app.cleanup_ctx.append(_health_ctx)

@@ -33,12 +33,16 @@ from gateway.providers.base import Stripper
 from gateway.providers.openai import next_sequence_number
 from gateway.render import terminal_event
 from gateway.report import Outcome, Report
-from gateway.sse import SSEError, SSEEvent
+from gateway.sse import SSEError
 from gateway.telemetry import Telemetry
 from gateway.upstream import OpenStream
 
 _log = get_logger("gateway.access")
 _KEEPALIVE = b": keep-alive\n\n"
+# Pending client bytes past which the relay waits for the client (aiohttp's writer uses 64 KiB).
+_HIGH_WATER = 64 * 1024
+# Longer than any marker an observer looks for (`"finish_reason":null`, response.incomplete).
+_OVERLAP = 32
 
 
 class State(enum.Enum):
@@ -144,6 +148,35 @@ class _Watchdog:
         self._handle.cancel()
 
 
+class _Direct:
+    """Writes relayed chunks straight to the client's transport, HTTP/1.1 chunk-framed as
+    aiohttp's writer would, without its per-write coroutines; `send` says when the client's
+    buffer is past the high-water mark, and `drain` then waits for it (backpressure: the
+    upstream is not read meanwhile). Used once aiohttp has sent the headers."""
+
+    __slots__ = ("_transport", "drain")
+
+    def __init__(self, transport: asyncio.Transport, drain: Callable[[], Awaitable[None]]) -> None:
+        self._transport = transport
+        self.drain = drain
+
+    @classmethod
+    def of(cls, request: web.Request, response: web.StreamResponse) -> _Direct | None:
+        transport = request.transport
+        # aiohttp frames an HTTP/1.1 response of unknown length as chunked when it prepares it
+        # (it sets the header, not `response.chunked`); anything else goes through aiohttp.
+        if transport is None or response.headers.get("Transfer-Encoding") != "chunked":
+            return None
+        return cls(transport, request.writer.drain)
+
+    def send(self, data: bytes) -> bool:
+        transport = self._transport
+        if transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return transport.get_write_buffer_size() > _HIGH_WATER
+
+
 class StreamOwner:
     """Takes one committed stream from its held first event to its end."""
 
@@ -160,6 +193,9 @@ class StreamOwner:
             WIRE_APIS[req.endpoint.family].usage_stripper() if req.parsed.inject_usage else None
         )
         self.out = 0  # bytes written to the client
+        self._seen_first = False  # the first token has passed (quiet chunks are only counted)
+        self._tail = b""  # the last bytes of the previous read (markers split over two reads)
+        self._hot = False  # an event that matters may be completing: show the next events
 
     async def deliver(
         self, response: web.StreamResponse, tel: Telemetry, keepalive_s: float
@@ -210,6 +246,7 @@ class StreamOwner:
         report.timings.first_byte_sent = time.perf_counter()
         if stream.facts.first_token_at is not None:
             self._first_token()
+            self._start_quiet(stream.held)
         return True
 
     async def _pump(self, response: web.StreamResponse, keepalive_s: float) -> Outcome:
@@ -235,9 +272,8 @@ class StreamOwner:
         # The hot path: locals only, one clock read per chunk (the write's end, the events'
         # time and the start of the next wait).
         content, write = self.stream.response.content, response.write
-        feed, on_event = self.stream.decoder.feed, self.stream.observer.on_event
-        facts, stripper = self.stream.facts, self.stripper
-        first_token = self._first_token if facts.first_token_at is None else None
+        stripper, observe = self.stripper, self._observe
+        direct = _Direct.of(self.request, response) if self.out else None
         clock = time.perf_counter
         now = clock()
         out = self.out
@@ -255,8 +291,12 @@ class StreamOwner:
                     else:
                         visible = stripper.feed(chunk) if chunk else stripper.flush()
                     try:
-                        if visible:
+                        if not visible:
+                            pass
+                        elif direct is None:
                             await write(visible)
+                        elif direct.send(visible):
+                            await direct.drain()  # the client is slow: so is the upstream read
                     except ConnectionResetError:
                         return Outcome.CLIENT_CANCEL
                     if not chunk:
@@ -264,13 +304,8 @@ class StreamOwner:
                     out += len(visible)
                     now = clock()
                     watchdog.last_write = now
-                    if self.observing and (events := self._observe(feed, chunk)):
-                        for event in events:
-                            on_event(event, now)
-                        facts.last_event_at = now
-                        if first_token is not None and facts.first_token_at is not None:
-                            first_token()
-                            first_token = None
+                    if self.observing:
+                        observe(chunk, now)
                 except asyncio.CancelledError:
                     if not watchdog.claim():
                         raise  # not the watchdog's: the client went away
@@ -283,14 +318,51 @@ class StreamOwner:
         finally:
             self.out = out
 
-    def _observe(self, feed: Callable[[bytes], list[SSEEvent]], chunk: bytes) -> list[SSEEvent]:
-        """The chunk's complete events; observation is best effort: a stream that is not SSE
-        stops being observed, never relayed."""
+    def _observe(self, chunk: bytes, now: float) -> None:
+        """Feed `chunk` to the decoder and its events to the observer. Once the first token
+        has passed, the events of a chunk the observer calls quiet are only counted (what
+        matters later, a finish reason, usage, an error, the end, is found by its bytes: a
+        marker split over two reads is caught by the overlap with the previous read, an event
+        still incomplete keeps the next reads shown). Observation is best effort: a stream that
+        is not SSE stops being observed, never relayed."""
+        stream = self.stream
         try:
-            return feed(chunk)
+            events = stream.decoder.feed(chunk)
         except SSEError:
             self.observing = False
-            return []
+            return
+        observer, facts = stream.observer, stream.facts
+        if self._seen_first:
+            if not self._hot:
+                window = self._tail + chunk[:_OVERLAP]
+                self._hot = not (observer.quiet(chunk) and observer.quiet(window))
+            # The last bytes seen, across reads shorter than a marker too.
+            tail = chunk if len(chunk) >= _OVERLAP else self._tail + chunk
+            self._tail = tail[-_OVERLAP:]
+            if events:
+                if self._hot:
+                    for event in events:
+                        observer.on_event(event, now)
+                else:
+                    observer.skip(events)
+                facts.last_event_at = now
+            if self._hot and stream.decoder.at_boundary:
+                self._hot = False
+            return
+        if events:
+            for event in events:
+                observer.on_event(event, now)
+            facts.last_event_at = now
+            if facts.first_token_at is not None:
+                self._first_token()
+                self._start_quiet(chunk)
+
+    def _start_quiet(self, last: bytes) -> None:
+        """The first token has passed: from here on, quiet chunks are only counted. Until the
+        stream is at an event boundary the next reads are shown (an event may be completing)."""
+        self._seen_first = True
+        self._tail = last[-_OVERLAP:]  # a short read's earlier bytes are in `hot` below
+        self._hot = not self.stream.decoder.at_boundary
 
     async def _interrupted(
         self, watchdog: _Watchdog, write: Callable[[bytes], Awaitable[None]]

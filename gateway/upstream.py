@@ -277,26 +277,30 @@ class Upstream:
             route.max_tokens_cap,
             lease.key.secret,
         )
-        headers = dict(built.headers)
-        self.tel.inject(report.attempt_span, headers)
-        connect = ConnectTiming()
+        headers = built.headers
+        # Connect timing (the TTFT split) is for spans only: without tracing the HTTP client
+        # runs no trace hooks at all.
+        connect = ConnectTiming() if self.tel.enabled else None
+        if connect is not None:
+            headers = dict(headers)
+            self.tel.inject(report.attempt_span, headers)
         timeouts = route.timeouts
         limit = timeouts.first_byte_s if req.parsed.stream else timeouts.total_s
+        url = deployment.provider.urls.get(req.endpoint.path) or built.url
         with _failing("send", deployment.provider.name, limit):
             async with asyncio.timeout_at(first_byte_at):
                 response = await self.session.post(
-                    built.url,
+                    url,
                     data=built.body,
                     headers=headers,
                     trace_request_ctx=connect,
                     allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(
-                        total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s
-                    ),
+                    timeout=route.client_timeout,
                 )
         upstream_id = response.headers.get(WIRE_APIS[req.endpoint.family].request_id_header)
         report.upstream_answered(response.status, upstream_id[:128] if upstream_id else None)
-        report.timings.connect_s = connect.seconds
+        if connect is not None:
+            report.timings.connect_s = connect.seconds
         report.attempt_span.add_event(
             "gen_ai.response_headers", {"http.status_code": response.status}
         )

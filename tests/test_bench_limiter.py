@@ -32,6 +32,8 @@ def test_bench_limiter_prints_rows_for_both_backends() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # A request is what a limited request costs now: one decision, then one settle.
+    assert "request = admit + settle" in result.stdout
     rows = re.findall(
         r"^\| (memory|redis) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \|$",
         result.stdout,

@@ -430,6 +430,62 @@ async def test_concurrent_admits_are_atomic(backend: Backend) -> None:
     assert (await backend.admit("bob", spec, 1)).denied_by == "tpm"
 
 
+# --- the contract: settle, the end of a request (every backend) -----------------------------
+
+
+async def test_settle_frees_the_slots_and_reconciles_the_tokens(backend: Backend) -> None:
+    spec = LimitSpec("t", tokens_per_minute=100, concurrent_streams=1, concurrent_requests=2)
+    held = await backend.admit("alice", spec, 30)
+    assert held.lease is not None
+    assert (await backend.admit("alice", spec, 0)).denied_by == "concurrency"
+    # Used 50 more than reserved: both slots freed and 80 tokens spent, in one call.
+    await backend.limiter.settle(held.lease, "alice", spec, 50)
+    stream = await backend.admit("alice", spec, 20)
+    assert slots_left(stream) == (0, 1)
+    assert stream.lease is not None
+    await backend.limiter.settle(stream.lease, "alice", spec, 0)
+    assert (await backend.admit("alice", spec, 1)).denied_by == "tpm"
+    # A refund: the reservation of a request that reached no upstream comes back whole.
+    bob = await backend.admit("bob", spec, 100)
+    assert bob.lease is not None
+    assert (await backend.admit("bob", plain(spec), 1)).denied_by == "tpm"
+    await backend.limiter.settle(bob.lease, "bob", spec, -bob.reserved_tokens)
+    again = await backend.admit("bob", spec, 100)
+    assert slots_left(again) == (0, 1)
+
+
+async def test_settle_parts_alone_and_twice(backend: Backend) -> None:
+    spec = LimitSpec("t", tokens_per_minute=100, concurrent_requests=1)
+    first = await backend.admit("alice", plain(spec), 10)
+    assert first.lease is not None
+    # No lease: a reconcile only (the slot stays taken).
+    await backend.limiter.settle(None, "alice", spec, 80)
+    assert (await backend.admit("alice", spec, 0)).denied_by == "requests"
+    # No tokens to reconcile (0, or no tpm limit): a release only.
+    await backend.limiter.settle(first.lease, "alice", LimitSpec("t", concurrent_requests=1), 5)
+    second = await backend.admit("alice", spec, 10)
+    assert second.lease is not None
+    assert (await backend.admit("alice", spec, 0)).denied_by == "requests"
+    # Settling the same lease twice frees nothing more (the tokens are charged again, as a
+    # second reconcile would be).
+    await backend.limiter.settle(second.lease, "alice", spec, 0)
+    third = await backend.admit("alice", spec, 0)
+    assert third.lease is not None
+    await backend.limiter.settle(second.lease, "alice", spec, 0)
+    assert (await backend.admit("alice", spec, 0)).denied_by == "requests"
+    await backend.limiter.settle(third.lease, "alice", spec, 0)
+    assert (await backend.admit("alice", spec, 1)).denied_by == "tpm"  # 10 + 80 + 10 spent
+
+
+async def test_settle_with_a_lease_of_another_subject(backend: Backend) -> None:
+    spec = LimitSpec("t", tokens_per_minute=100, concurrent_streams=1)
+    alice = await backend.admit("alice", spec, 0)
+    assert alice.lease is not None
+    await backend.limiter.settle(alice.lease, "bob", spec, 100)
+    assert (await backend.admit("alice", spec, 0)).allowed  # alice's slot was freed...
+    assert (await backend.admit("bob", spec, 1)).denied_by == "tpm"  # ...bob was charged
+
+
 # --- the contract: concurrent requests (every backend) ---------------------------------------
 
 
@@ -874,6 +930,101 @@ async def test_renewal_survives_a_script_flush(redis_backend: Backend) -> None:
         await limiter.close()
 
 
+async def test_the_settle_script_is_reloaded_after_script_flush(redis_backend: Backend) -> None:
+    client = redis_backend.client
+    assert client is not None
+    limiter = redis_backend.limiter
+    assert isinstance(limiter, RedisLimiter)
+    spec = LimitSpec("t", tokens_per_minute=100, concurrent_streams=1, concurrent_requests=1)
+    held = await redis_backend.admit("alice", spec, 10)
+    assert held.lease is not None
+    await client.script_flush()
+    await limiter.settle(held.lease, "alice", spec, 80)
+    assert await client.zcard("t:{alice}:conc") == 0
+    assert await client.zcard("t:{alice}:reqs") == 0
+    assert (await redis_backend.admit("alice", spec, 11)).denied_by == "tpm"  # 90 spent
+    assert (limiter.redis_errors, limiter.degraded_decisions) == (0, 0)
+
+
+async def test_a_batch_reloads_every_script_it_lost(redis_backend: Backend) -> None:
+    """Admits and settles pipelined together after a flush: each script loaded once more and
+    every call answered (none degraded, no error)."""
+    client = redis_backend.client
+    assert client is not None
+    limiter = redis_backend.limiter
+    assert isinstance(limiter, RedisLimiter)
+    spec = LimitSpec("t", tokens_per_minute=1000, concurrent_streams=20)
+    held = [await redis_backend.admit(f"c{k}", spec, 10) for k in range(10)]
+    await client.script_flush()
+    leases = [d.lease for d in held if d.lease is not None]
+    settles = [limiter.settle(lease, lease.subject, spec, -10) for lease in leases]
+    admits = [redis_backend.admit(f"c{k}", spec, 10) for k in range(10)]
+    results = await asyncio.gather(*settles, *admits)
+    decisions = [d for d in results if isinstance(d, Decision)]
+    assert len(decisions) == 10
+    assert all(d.allowed and not d.degraded for d in decisions)
+    assert (limiter.redis_errors, limiter.degraded_decisions) == (0, 0)
+    for k, d in enumerate(decisions):
+        assert await client.zcard(f"t:{{c{k}}}:conc") == 1  # the first slot was freed
+        assert d.lease is not None
+        await limiter.release(d.lease)
+
+
+async def test_an_outage_fails_every_call_of_a_batch(redis_backend: Backend) -> None:
+    limiter = redis_backend.peer(fail_open=True, instances=2, retry_redis_after_s=60)
+    spec = LimitSpec("t", requests_per_minute=100, concurrent_streams=4)
+    try:
+        assert not (await limiter.admit("alice", spec, 0, LEASE_TTL)).degraded
+        redis_backend.outage()
+        start = time.monotonic()
+        decisions = await asyncio.gather(
+            *(limiter.admit("alice", spec, 0, LEASE_TTL) for _ in range(20))
+        )
+        assert time.monotonic() - start < 1.0
+        assert all(d.degraded for d in decisions)
+        assert sum(d.allowed for d in decisions) == 2  # this instance's share of 4 streams
+        assert limiter.degraded_decisions == 20
+        assert limiter.redis_errors >= 1
+    finally:
+        await limiter.close()
+
+
+async def test_calls_still_queued_when_the_limiter_closes_end(redis_backend: Backend) -> None:
+    """close() ends every call it finds queued (they fall back, or raise with fail_closed)
+    instead of leaving them waiting for a reply that will never come."""
+    spec = LimitSpec("t", requests_per_minute=100)
+    for fail_open in (True, False):
+        limiter = redis_backend.peer(fail_open=fail_open, retry_redis_after_s=60)
+        assert (await limiter.admit("alice", spec, 0, LEASE_TTL)).allowed  # connected
+        pending = [
+            asyncio.create_task(limiter.admit("alice", spec, 0, LEASE_TTL)) for _ in range(3)
+        ]
+        await asyncio.sleep(0)  # each has queued its call; their sender has not started
+        await limiter.close()
+        results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 1)
+        if fail_open:
+            assert all(isinstance(r, Decision) and r.degraded for r in results), results
+        else:
+            assert all(isinstance(r, LimiterUnavailable) for r in results), results
+
+
+async def test_a_cancelled_caller_leaves_its_batch_answered(redis_backend: Backend) -> None:
+    limiter = redis_backend.limiter
+    assert isinstance(limiter, RedisLimiter)
+    spec = LimitSpec("t", requests_per_minute=100)
+    tasks = [asyncio.create_task(redis_backend.admit("alice", spec)) for _ in range(3)]
+    await asyncio.sleep(0)
+    tasks[1].cancel()
+    first, second, third = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(second, asyncio.CancelledError)
+    assert isinstance(first, Decision)
+    assert isinstance(third, Decision)
+    assert first.allowed
+    assert third.allowed
+    assert (limiter.redis_errors, limiter.degraded_decisions) == (0, 0)
+    assert (await redis_backend.admit("alice", spec)).allowed
+
+
 # --- Redis only: an unresponsive Redis (a socket that never answers) -------------------------
 
 
@@ -906,6 +1057,72 @@ async def test_an_unresponsive_redis_is_bounded_by_the_socket_timeout() -> None:
         await closed.close()
         for writer in writers:
             writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+def resp_command(buf: bytes) -> tuple[list[bytes], bytes] | None:
+    """The first whole RESP command in `buf` and what follows it (None: not all there yet)."""
+    if b"\r\n" not in buf:
+        return None
+    head, rest = buf.split(b"\r\n", 1)
+    items = []
+    for _ in range(int(head[1:])):
+        if b"\r\n" not in rest:
+            return None
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line[1:])
+        if len(rest) < size + 2:
+            return None
+        items.append(rest[:size])
+        rest = rest[size + 2 :]
+    return items, rest
+
+
+async def test_a_connection_lost_mid_batch_is_not_sent_again() -> None:
+    """A server that answers the first script of a batch and then drops the connection: that
+    caller keeps its decision, the others fall back, and the batch is not resent (its first
+    script already ran)."""
+    scripts: list[list[bytes]] = []
+
+    async def answer_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buf = b""
+        while data := await reader.read(65536):
+            buf += data
+            drop = False
+            while (parsed := resp_command(buf)) is not None:
+                command, buf = parsed
+                if command[0].upper() != b"EVALSHA":
+                    writer.write(b"+OK\r\n")  # the client's handshake (CLIENT SETINFO)
+                elif not scripts:
+                    scripts.append(command)
+                    writer.write(
+                        b"*9\r\n:1\r\n:0\r\n:0\r\n:99\r\n:600\r\n:-1\r\n:0\r\n:-1\r\n:-1\r\n"
+                    )
+                else:
+                    scripts.append(command)
+                    drop = True
+            await writer.drain()
+            if drop:
+                break
+        writer.close()
+
+    server = await asyncio.start_server(answer_one, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    limiter = RedisLimiter(
+        f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.5, retry_redis_after_s=60
+    )
+    spec = LimitSpec("t", requests_per_minute=100)
+    try:
+        decisions = await asyncio.gather(
+            *(limiter.admit(f"c{k}", spec, 0, LEASE_TTL) for k in range(3))
+        )
+        assert [d.degraded for d in decisions] == [False, True, True]
+        assert decisions[0].usage == (Usage("rpm", 100, 99, 0.6),)
+        assert [c[0].upper() for c in scripts] == [b"EVALSHA"] * 3  # sent once, not twice
+        assert limiter.degraded_decisions == 2
+    finally:
+        await limiter.close()
         server.close()
         await server.wait_closed()
 
@@ -989,3 +1206,56 @@ async def test_fail_closed_raises_quickly_then_recovers(redis_server: RedisServe
         assert (decision.allowed, decision.degraded) == (True, False)
     finally:
         await limiter.close()
+
+
+# --- real Redis only: what a request costs on the wire ---------------------------------------
+
+
+async def test_settle_is_one_script_call(redis_server: RedisServer) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    limiter = RedisLimiter(redis_server.url, fail_open=False, prefix="t", socket_timeout_s=2.0)
+    spec = LimitSpec("t", 10, 100, concurrent_streams=2, concurrent_requests=2)
+    try:
+        warm = await limiter.admit("alice", spec, 30, LEASE_TTL)
+        assert warm.lease is not None
+        await limiter.settle(warm.lease, "alice", spec, 0)  # both scripts loaded
+        decision = await limiter.admit("alice", spec, 30, LEASE_TTL)
+        assert decision.lease is not None
+        await client.config_resetstat()
+        await limiter.settle(decision.lease, "alice", spec, -20)
+        stats = await client.info("commandstats")
+        # One EVALSHA: both slots freed and the tokens reconciled inside it (commandstats
+        # counts the commands a script runs too).
+        assert stats["cmdstat_evalsha"]["calls"] == 1
+        assert stats["cmdstat_zrem"]["calls"] == 2
+        assert stats["cmdstat_set"]["calls"] == 1
+        assert await client.zcard("t:{alice}:conc") == 0
+        assert await client.zcard("t:{alice}:reqs") == 0
+    finally:
+        await limiter.close()
+        await client.aclose()
+
+
+async def test_concurrent_calls_share_a_few_connections(redis_server: RedisServer) -> None:
+    """32 concurrent admits go out as a few pipelines (8 calls each), not on 32 connections."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    limiter = RedisLimiter(redis_server.url, fail_open=False, prefix="t", socket_timeout_s=2.0)
+    spec = LimitSpec("t", requests_per_minute=1000, concurrent_requests=100)
+    try:
+        assert (await limiter.admit("warm", spec, 0, LEASE_TTL)).allowed  # the script loaded
+        await client.config_resetstat()
+        decisions = await asyncio.gather(
+            *(limiter.admit(f"c{k % 5}", spec, 0, LEASE_TTL) for k in range(32))
+        )
+        assert all(d.allowed and not d.degraded for d in decisions)
+        stats = await client.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 32  # one script call per decision
+        # The limiter's connections: every client but this one.
+        assert 1 <= len(await client.client_list()) - 1 <= 4
+        await asyncio.gather(
+            *(limiter.settle(d.lease, d.lease.subject, spec, 0) for d in decisions if d.lease)
+        )
+        assert len(await client.client_list()) - 1 <= 4
+    finally:
+        await limiter.close()
+        await client.aclose()

@@ -1100,3 +1100,56 @@ def test_anthropic_usage_from_body() -> None:
 def test_usage_from_body_without_usage(body: bytes) -> None:
     assert openai_usage_from_body(body) is None
     assert anthropic_usage_from_body(body) is None
+
+
+# --- quiet chunks: what the relay may only count once the first token has passed ------------
+
+
+QUIET_CHAT = (
+    b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"the error: [DON"},'
+    b'"finish_reason":null}],"usage":null}\n\n'
+)
+
+
+def test_chat_quiet_only_without_finish_usage_error_or_done() -> None:
+    from gateway.providers.openai import ChatObserver
+
+    observer = ChatObserver()
+    assert observer.quiet(QUIET_CHAT * 3)
+    # Content that talks about errors is still quiet: its quotes are escaped in the JSON.
+    assert observer.quiet(b'data: {"choices":[{"delta":{"content":"an \\"error\\""}}]}\n\n')
+    for loud in (
+        b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n',
+        b'data: {"choices":[{"delta":{},"finish_reason": "stop"}]}\n\n',  # another spelling
+        b'data: {"choices":[],"usage":{"prompt_tokens":1}}\n\n',
+        b'data: {"choices":[],"usage": {"prompt_tokens":1}}\n\n',
+        b'data: {"error":{"message":"x"}}\n\n',
+        b"data: [DONE]\n\n",
+    ):
+        assert not observer.quiet(QUIET_CHAT + loud), loud
+
+
+def test_responses_and_messages_quiet_markers() -> None:
+    from gateway.providers.anthropic import MessagesObserver
+    from gateway.providers.openai import ResponsesObserver
+
+    responses = ResponsesObserver()
+    delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta"}\n\n'
+    assert responses.quiet(delta * 4)
+    for loud in (b"event: response.completed", b"event: response.failed", b"event: error"):
+        assert not responses.quiet(delta + loud)
+    messages = MessagesObserver()
+    block = b'event: content_block_delta\ndata: {"type":"content_block_delta"}\n\n'
+    assert messages.quiet(block * 4 + b"event: ping\ndata: {}\n\n")
+    for loud in (b"event: message_delta", b"event: message_stop", b"event: error"):
+        assert not messages.quiet(block + loud)
+
+
+def test_skipped_responses_events_keep_the_sequence_number() -> None:
+    from gateway.providers.openai import ResponsesObserver
+    from gateway.sse import SSEEvent
+
+    observer = ResponsesObserver()
+    observer.skip([SSEEvent("e", b'{"sequence_number":41}', None, None)])
+    assert observer.facts.events == 1
+    assert observer.next_sequence_number() == 42

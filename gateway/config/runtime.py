@@ -12,7 +12,9 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 from pydantic import BaseModel, ValidationError
+from yarl import URL
 
 from gateway.config.loader import ConfigError
 from gateway.config.schema import (
@@ -26,6 +28,7 @@ from gateway.config.schema import (
 )
 from gateway.keypool import KeyHealth, KeyPool, UpstreamKey, fingerprint
 from gateway.limits.base import LimitSpec
+from gateway.providers import WIRE_APIS
 from gateway.providers.base import ApiFamily
 from gateway.state import HealthStore, MemoryHealthStore
 
@@ -94,6 +97,8 @@ class ProviderSpec:
     max_disable_s: float
     spend_cap_429s: int
     limits: LimitSpec | None = None  # the provider's own budget
+    # The upstream URL of each gateway path its wire API serves (parsed once per runtime).
+    urls: Mapping[str, URL] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,11 @@ class Route:
     timeouts: Timeouts
     retry: RetryPolicy
     max_tokens_cap: int | None
+    # The HTTP client's timeouts of every attempt (built once: the first-byte, chunk and total
+    # deadlines are the gateway's own).
+    client_timeout: aiohttp.ClientTimeout = field(
+        default=aiohttp.ClientTimeout(total=None), compare=False, repr=False
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,10 +200,15 @@ def build_runtime(config: GatewayConfig, health: HealthStore | None = None) -> R
             for k in p.keys
         )
         secrets.update(k.secret.encode() for k in keys)
+        api = ApiFamily(p.api)
+        base_url = p.base_url.rstrip("/")
         spec = ProviderSpec(
             name=name,
-            api=ApiFamily(p.api),
-            base_url=p.base_url.rstrip("/"),
+            api=api,
+            base_url=base_url,
+            urls=MappingProxyType(
+                {e.path: URL(base_url + e.upstream_path) for e in WIRE_APIS[api].endpoints}
+            ),
             keys=keys,
             forward_exact=frozenset(h for h in p.forward_headers if not h.endswith("*")),
             forward_prefixes=tuple(h[:-1] for h in p.forward_headers if h.endswith("*")),
@@ -249,13 +264,17 @@ def build_runtime(config: GatewayConfig, health: HealthStore | None = None) -> R
                 f"({', '.join(sorted(f.value for f in families))}); fallback needs one API"
             )
         cap = m.policy.max_tokens_cap or config.policy.max_tokens_cap
+        timeouts = _timeouts(model_name, config.policy.timeouts, m.policy.timeouts)
         routes[model_name] = Route(
             name=model_name,
             family=deployments[0].provider.api,
             deployments=tuple(deployments),
-            timeouts=_timeouts(model_name, config.policy.timeouts, m.policy.timeouts),
+            timeouts=timeouts,
             retry=_retry(model_name, config.policy.retry, m.policy.retry),
             max_tokens_cap=cap,
+            client_timeout=aiohttp.ClientTimeout(
+                total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s
+            ),
         )
 
     tiers: dict[str, Tier] = {}

@@ -99,10 +99,20 @@ class Limiter(Protocol):
         (the Redis backend uses its own slot TTL instead, renewed while this instance lives;
         its local fallback uses `lease_ttl_s`). Raises LimiterUnavailable."""
 
+    async def settle(
+        self, lease: Lease | None, subject: str, spec: LimitSpec, delta_tokens: int
+    ) -> None:
+        """The end of a request: `release(lease)` (when not None) and `reconcile(subject, spec,
+        delta_tokens)` at once, one round trip on a shared backend. `lease` is the one
+        `admit(subject, ...)` returned. Does not raise for a backend failure (unfreed slots
+        expire on their own)."""
+
     async def reconcile(self, subject: str, spec: LimitSpec, delta_tokens: int) -> None:
-        """Charge (or refund, if negative) tokens once the real usage is known."""
+        """Charge (or refund, if negative) tokens once the real usage is known (nothing when
+        `spec` has no tpm limit or `delta_tokens` is 0). Does not raise for a backend
+        failure."""
 
     async def release(self, lease: Lease) -> None:
-        """Free every slot `lease` holds (idempotent)."""
+        """Free every slot `lease` holds (idempotent). Does not raise for a backend failure."""
 
     async def close(self) -> None: ...

@@ -85,7 +85,21 @@ class MemoryLimiter:
             tokens = min(max(0, tokens), spec.tokens_per_minute)
         return Decision(True, None, 0.0, tuple(usage), lease, reserved_tokens=tokens)
 
+    async def settle(
+        self, lease: Lease | None, subject: str, spec: LimitSpec, delta_tokens: int
+    ) -> None:
+        if lease is not None:
+            self.release_now(lease)
+        self.reconcile_now(subject, spec, delta_tokens)
+
     async def reconcile(self, subject: str, spec: LimitSpec, delta_tokens: int) -> None:
+        self.reconcile_now(subject, spec, delta_tokens)
+
+    async def release(self, lease: Lease) -> None:
+        self.release_now(lease)
+
+    def reconcile_now(self, subject: str, spec: LimitSpec, delta_tokens: int) -> None:
+        """`reconcile` without awaiting."""
         if spec.tokens_per_minute is None or delta_tokens == 0:
             return
         key = f"{subject}\x00tpm"
@@ -94,7 +108,8 @@ class MemoryLimiter:
             self._tat.get(key), now, spec.tokens_per_minute, PERIOD_S, delta_tokens
         )
 
-    async def release(self, lease: Lease) -> None:
+    def release_now(self, lease: Lease) -> None:
+        """`release` without awaiting."""
         for kind, holds in (("streams", lease.stream_slot), ("requests", lease.request_slot)):
             key = f"{lease.subject}\x00{kind}"
             held = self._leases.get(key) if holds else None

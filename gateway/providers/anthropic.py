@@ -52,6 +52,9 @@ def _merge_usage(old: Usage | None, raw: Any) -> Usage | None:
     )
 
 
+_MARKERS = (b"message_delta", b"message_stop", b"error")
+
+
 class MessagesObserver:
     """Messages stream: everything needed is named by the `event:` field, so only
     message_start, message_delta and error payloads are ever parsed."""
@@ -103,6 +106,14 @@ class MessagesObserver:
             if isinstance(error, dict):
                 facts.error_type = short(error.get("type") or "error", 64)
                 facts.error_message = short(error.get("message"))
+
+    def quiet(self, window: bytes) -> bool:
+        # After the first token: message_delta (finish reason, usage), message_stop and error
+        # events matter; content blocks and pings do not.
+        return not any(marker in window for marker in _MARKERS)
+
+    def skip(self, events: list[SSEEvent]) -> None:
+        self.facts.events += len(events)
 
     def on_end(self) -> None:
         return None

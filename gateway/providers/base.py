@@ -68,6 +68,14 @@ class StreamObserver(Protocol):
     def on_end(self) -> None:
         """Called once when the upstream body ended (cleanly or not)."""
 
+    def quiet(self, window: bytes) -> bool:
+        """Once the first token was seen: True when no event in `window` (raw stream bytes)
+        can change what the observer reports, so that the relay may `skip` the events it
+        completes instead of showing them one by one. False is always safe."""
+
+    def skip(self, events: list[SSEEvent]) -> None:
+        """Account for events the relay did not show one by one (`quiet` said so)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:

@@ -32,8 +32,13 @@ _DONE = b"[DONE]"
 # are still caught: a finish/usage not seen by the probes is read from the last event at the end.
 _FINISH_NULL = b'"finish_reason":null'
 _FINISH = b"finish_reason"
+_FINISH_KEY = b'"finish_reason"'
 _USAGE = b'"usage":{'
+_USAGE_KEY = b'"usage"'
+_USAGE_NULL = b'"usage":null'
 _ERROR = b'"error"'
+# What can end or fail a Responses stream (and an `error` event): seen, the events are shown.
+_RESPONSES_MARKERS = (b"response.completed", b"response.incomplete", b"response.failed", b"error")
 
 
 def _loads(data: bytes) -> dict[str, Any] | None:
@@ -104,6 +109,20 @@ class ChatObserver:
         if facts.first_token_at is None and self._content(obj):
             facts.first_token_at = now
             facts.first_token_event = index
+
+    def quiet(self, window: bytes) -> bool:
+        # After the first token only a finish reason, usage, an error and [DONE] matter;
+        # every ordinary chunk carries `"finish_reason":null` (and `"usage":null` when usage
+        # was asked for), so a count that differs means one of them (or another spelling).
+        return (
+            _DONE not in window
+            and _ERROR not in window
+            and window.count(_FINISH_KEY) == window.count(_FINISH_NULL)
+            and window.count(_USAGE_KEY) == window.count(_USAGE_NULL)
+        )
+
+    def skip(self, events: list[SSEEvent]) -> None:
+        self.facts.events += len(events)
 
     def on_end(self) -> None:
         facts = self.facts
@@ -219,6 +238,13 @@ class ResponsesObserver:
                     obj.get("code") or inner.get("code") or inner.get("type") or "error", 64
                 )
                 facts.error_message = short(obj.get("message") or inner.get("message"))
+
+    def quiet(self, window: bytes) -> bool:
+        return not any(marker in window for marker in _RESPONSES_MARKERS)
+
+    def skip(self, events: list[SSEEvent]) -> None:
+        self.facts.events += len(events)
+        self._last = events[-1].data  # its sequence number numbers the gateway's own event
 
     def on_end(self) -> None:
         return None

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import random
 import time
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -14,7 +15,16 @@ import pytest
 
 from gateway.appkeys import OUTCOME_SINKS
 from gateway.report import Report
-from tests.support import CALLER_KEY, UPSTREAM_KEYS, Fake, Gateway, GatewayFactory
+from tests.support import (
+    CALLER_KEY,
+    UPSTREAM_KEYS,
+    Fake,
+    Gateway,
+    GatewayFactory,
+    base_config,
+    deep_merge,
+    serve_gateway,
+)
 
 CHAT = "/v1/chat/completions"
 
@@ -302,3 +312,44 @@ async def test_upstream_error_bodies_are_scrubbed_of_keys(gateway: Gateway) -> N
     assert resp.status == 400
     assert b"sk-test-upstream" not in body
     assert b"[redacted]" in body
+
+
+async def test_a_slow_client_slows_the_upstream_read_and_loses_nothing(
+    fake: Fake, tmp_path: Path
+) -> None:
+    """Backpressure end to end: while the client reads nothing, the gateway (a real `gateway
+    serve`) stops reading the upstream instead of buffering the stream in its memory (what is
+    in flight waits in the sockets' kernel buffers, which RSS does not count); once the client
+    reads again, every byte arrives, in order."""
+    config = deep_merge(
+        base_config(fake.url),
+        {"policy": {"timeouts": {"chunk_s": 30, "total_s": 120}, "max_tokens_cap": None}},
+    )
+    chunks = 250_000  # ~38 MB of events: more than the gateway could hide in a read buffer
+    async with (
+        serve_gateway(config, tmp_path) as gw,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session,
+    ):
+        before = gw.rss_bytes()
+        resp = await session.post(
+            gw.url + "/v1/chat/completions",
+            data=chat_body(stream=True, max_tokens=10**6),
+            headers=auth(**{"x-fake-chunks": str(chunks)}),
+        )
+        assert resp.status == 200
+        record = (await fake.provider.wait_for_records(1))[0]
+        # The client reads nothing for a while; the fake writes as long as sockets take it.
+        await asyncio.sleep(3)
+        paused_sent = len(record.sent)
+        paused_growth = gw.rss_bytes() - before
+        size = 0
+        async for piece in resp.content.iter_any():
+            size += len(piece)
+    assert record.completed
+    total = len(record.sent)
+    print(
+        f"while paused: fake sent {paused_sent / 1e6:.1f} of {total / 1e6:.1f} MB, "
+        f"gateway RSS +{paused_growth / 2**20:.1f} MiB"
+    )
+    assert paused_growth < 16 * 2**20  # not the stream (the relay holds at most 64 KiB)
+    assert size == total  # every byte, once the client reads again
