@@ -124,7 +124,8 @@ async def admit(
     try:
         yield ticket
     finally:
-        await asyncio.shield(ticket.settle(report))
+        if ticket.decision is not None or ticket.provider_charges:
+            await asyncio.shield(ticket.settle(report))
 
 
 async def _admit_caller(

@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gap-ms", type=int, default=40)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmark the gateway against direct fake-provider access")
+    p = sub.add_parser("bench", help="benchmark the gateway against nginx and the fake provider")
     p.add_argument("--concurrency", default="1,50,200", help="comma-separated concurrency levels")
     p.add_argument("--gaps", default="0,20", help="comma-separated upstream chunk gaps (ms)")
     p.add_argument("--chunks", type=int, default=50, help="content chunks per stream")
@@ -257,8 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tracing",
         action="store_true",
-        help="the gateway exports every trace (100 %% sampled) to a local OTLP sink",
+        help="the gateways export every trace (100 %% sampled) to a local OTLP sink",
     )
+    p.add_argument(
+        "--targets",
+        help="comma-separated, of direct,nginx,gateway,gateway-prod "
+        "(default: direct,nginx,gateway; with --soak: gateway)",
+    )
+    p.add_argument("--repeats", type=int, default=1, help="runs of each target per cell")
+    p.add_argument("--soak", type=int, default=0, help="hold N slow streams through each target")
+    p.add_argument("--soak-chunks", type=int, default=30, help="content chunks per soak stream")
+    p.add_argument("--soak-gap-ms", type=int, default=1000, help="gap between soak events (ms)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

@@ -74,7 +74,7 @@ class Handler:
         except GatewayError as err:
             return self._refused(request, err, report)
         except asyncio.CancelledError:
-            report.outcome = "client_cancel"
+            report.cancelled()
             report.span.add_event("gateway.client_cancel")
             raise
         except Exception:

@@ -150,6 +150,7 @@ class Report:
     usage: Usage | None = None  # of a non-stream answer (streams: facts.usage)
     facts: StreamFacts | None = None  # of a relayed stream
     overhead_ms: float | None = None
+    ended: bool = False  # a committed stream reached its end (whatever the outcome)
     timings: Timings = field(default_factory=Timings)
 
     # -- written by the stages ---------------------------------------------------------------
@@ -187,6 +188,13 @@ class Report:
     def streamed(self, end: Outcome) -> None:
         """The committed stream ended (`bytes_out` counts what it sent)."""
         self.outcome = end.value
+        self.ended = True
+
+    def cancelled(self) -> None:
+        """The client went away: the outcome, unless its stream had already ended (a client
+        that leaves once it has everything, while the gateway settles, was served)."""
+        if not self.ended:
+            self.outcome = Outcome.CLIENT_CANCEL.value
 
     # -- read by the sinks and admission -----------------------------------------------------
 

@@ -1,7 +1,8 @@
-"""The benchmarks, tools beside the product: `gateway bench` (a streaming workload, direct to
-the fake provider vs through the gateway) and `gateway bench-limiter` (what a limit check
+"""The benchmarks, tools beside the product: `gateway bench` (a streaming workload sent to the
+fake provider directly and through nginx and the gateway, interleaved and repeated; or, with
+`--soak N`, N slow streams held at once) and `gateway bench-limiter` (what a limit check
 costs, memory vs Redis); and the local servers (free ports, redis-server) that they and the
-tests start."""
+tests start. They run the gateway as a subprocess and import nothing of its request path."""
 
 from __future__ import annotations
 

@@ -1,17 +1,18 @@
-"""The benchmark's child processes: the fake provider and the gateway (on the packaged
-`bench.yaml`), started on free loopback ports, polled until ready, stopped in every case; and
-what /proc says they cost."""
+"""The benchmark's child processes: the fake provider and the targets in front of it (nginx,
+the gateway on the packaged `bench.yaml`, the same gateway with production features on),
+each on a free loopback port, polled until ready, stopped in every case."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import aiohttp
 
 import gateway
+from gateway.bench import nginx
 from gateway.bench.servers import free_ports
 from gateway.bench.settings import BenchError
 from gateway.config import ConfigError, GatewayConfig, load_config
@@ -28,25 +30,32 @@ STOP_TIMEOUT_S = 5.0
 # The directory this process imports `gateway` from (the repository root in a checkout,
 # site-packages when installed): the children run there, so `-m gateway` is the same code.
 _IMPORT_ROOT = Path(gateway.__file__).resolve().parent.parent
+# Where each target is polled until it answers 200 (nginx: the fake's route, through it).
+_READY_PATHS = {"nginx": "/v1/models", "gateway": "/healthz", "gateway-prod": "/healthz"}
 
 
 # --- the gateway's config ------------------------------------------------------------------
 
 
 def bench_config() -> Traversable:
-    """The gateway config the benchmark runs (package data). Its ports, the fake provider's
-    URL and the OTLP endpoint are `${BENCH_...}` references that `child_environment` sets."""
+    """The gateway config the benchmark runs (package data), for both gateway targets. Its
+    ports, the fake provider's URL, the OTLP endpoint and the logging are `${BENCH_...}`
+    references that `child_environment` sets."""
     return resources.files("gateway.bench").joinpath("bench.yaml")
 
 
-def child_environment(fake_url: str, gateway_port: int, otlp_endpoint: str) -> dict[str, str]:
-    """The environment of both children: this process's, plus what `bench.yaml` refers to
-    (an empty `otlp_endpoint`: no export)."""
+def child_environment(
+    fake_url: str, gateway_port: int, otlp_endpoint: str, production: bool = False
+) -> dict[str, str]:
+    """The environment of a child: this process's, plus what `bench.yaml` refers to (an empty
+    `otlp_endpoint`: no export). `production`: the JSON access log on, at level info."""
     return {
         **os.environ,
         "BENCH_FAKE_URL": fake_url,
         "BENCH_GATEWAY_PORT": str(gateway_port),
         "BENCH_OTLP_ENDPOINT": otlp_endpoint,
+        "BENCH_ACCESS_LOG": "true" if production else "false",
+        "BENCH_LOG_LEVEL": "info" if production else "warning",
     }
 
 
@@ -64,12 +73,17 @@ def validate_config(path: Path, env: Mapping[str, str]) -> GatewayConfig:
 
 @dataclass(slots=True)
 class Service:
-    """A subprocess this benchmark started, where it listens, and the file its output goes to."""
+    """A subprocess this benchmark started, where it listens, and the file its output goes to.
+    `charged_pid` is the process whose cost is measured (nginx: its worker, once known)."""
 
     name: str
     proc: subprocess.Popen[bytes]
     log: Path
     url: str
+    charged_pid: int = 0
+
+    def __post_init__(self) -> None:
+        self.charged_pid = self.charged_pid or self.proc.pid
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -80,11 +94,13 @@ class Service:
 
 
 def spawn(name: str, argv: Sequence[str], log: Path, env: Mapping[str, str], url: str) -> Service:
-    """Run `python -m gateway *argv` with its output in `log`."""
-    with log.open("wb") as out:
-        # A new session: Ctrl-C reaches only the benchmark, which then stops these in order.
-        proc = subprocess.Popen(  # noqa: S603  (our own interpreter and module, no shell)
-            [sys.executable, "-m", "gateway", *argv],
+    """Run `argv` (an absolute program path first) with its output in `log`."""
+    # Appending: nginx writes its error log to the same file.
+    with log.open("ab") as out:
+        # A new session: Ctrl-C reaches only the benchmark, which then stops these in order;
+        # and the process group is the child's own, for `stop` to kill whatever it forked.
+        proc = subprocess.Popen(  # noqa: S603  (our own interpreter, or nginx; no shell)
+            list(argv),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -95,8 +111,14 @@ def spawn(name: str, argv: Sequence[str], log: Path, env: Mapping[str, str], url
     return Service(name, proc, log, url)
 
 
+def gateway_argv(*argv: str) -> list[str]:
+    """`python -m gateway *argv` with this interpreter."""
+    return [sys.executable, "-m", "gateway", *argv]
+
+
 def stop(service: Service) -> None:
-    """SIGTERM, then SIGKILL after STOP_TIMEOUT_S; nothing when it has exited already."""
+    """SIGTERM, then SIGKILL to its whole process group after STOP_TIMEOUT_S (an nginx
+    worker outlives a killed master); nothing when it has exited already."""
     proc = service.proc
     if proc.poll() is not None:
         return
@@ -104,35 +126,99 @@ def stop(service: Service) -> None:
     try:
         proc.wait(STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
+@dataclass(slots=True)
+class Services:
+    """The fake provider and the targets in front of it, by target name."""
+
+    fake: Service
+    proxies: dict[str, Service] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What to start: the proxy targets, where their files go, the OTLP endpoint of the
+    gateways (empty: none) and how many streams one target must hold at once."""
+
+    directory: Path
+    targets: Sequence[str]
+    otlp_endpoint: str
+    streams: int
+
+
 @contextlib.contextmanager
-def running_services(directory: Path, otlp_endpoint: str) -> Iterator[tuple[Service, Service]]:
-    """The fake provider and the gateway in front of it, each on a free loopback port, their
-    logs in `directory`; both stopped (gateway first) when the block ends, however it ends.
-    Not waited for: see `wait_ready`. Raises BenchError when the config does not validate."""
-    fake_port, gateway_port = free_ports(2)
+def running_services(layout: Layout) -> Iterator[Services]:
+    """The fake provider and each proxy target in `layout`, on free loopback ports; all
+    stopped (the proxies first) when the block ends, however it ends. Not waited for: see
+    `wait_all_ready`. Raises BenchError, before anything starts, when a config does not
+    validate or nginx is missing or refuses its config."""
+    proxies = [t for t in layout.targets if t != "direct"]
+    fake_port, *ports = free_ports(1 + len(proxies))
     fake_url = f"http://127.0.0.1:{fake_port}"
-    gateway_url = f"http://127.0.0.1:{gateway_port}"
-    env = child_environment(fake_url, gateway_port, otlp_endpoint)
-    services: list[Service] = []
+    started: list[Service] = []
     with resources.as_file(bench_config()) as config:
-        validate_config(config, env)
+        plans = [
+            _plan(name, port, fake_port, layout, config)
+            for name, port in zip(proxies, ports, strict=True)
+        ]
         try:
-            fake_argv = ["fake-provider", "--host", "127.0.0.1", "--port", str(fake_port)]
-            services.append(
-                spawn("fake provider", fake_argv, directory / "fake.log", env, fake_url)
+            argv = gateway_argv("fake-provider", "--host", "127.0.0.1", "--port", str(fake_port))
+            env = child_environment(fake_url, 0, "")
+            started.append(
+                spawn("fake provider", argv, layout.directory / "fake.log", env, fake_url)
             )
-            gateway_argv = ["serve", "--config", str(config), "--port", str(gateway_port)]
-            services.append(
-                spawn("gateway", gateway_argv, directory / "gateway.log", env, gateway_url)
-            )
-            yield services[0], services[1]
+            services = Services(started[0])
+            for plan in plans:
+                log = layout.directory / f"{plan.name}.log"
+                started.append(spawn(plan.name, plan.argv, log, plan.env, plan.url))
+                services.proxies[plan.name] = started[-1]
+            yield services
         finally:
-            for service in reversed(services):
+            for service in reversed(started):
                 stop(service)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    url: str
+
+
+def _plan(name: str, port: int, fake_port: int, layout: Layout, config: Path) -> _Plan:
+    """How to start one proxy target; its config written and checked by nginx -t (nginx) or
+    validated by the gateway's loader (the gateways) first. Raises BenchError."""
+    fake_url = f"http://127.0.0.1:{fake_port}"
+    url = f"http://127.0.0.1:{port}"
+    if name == "nginx":
+        binary = nginx.nginx_binary()
+        log = layout.directory / "nginx.log"
+        conf = nginx.write_config(layout.directory / "nginx", log, port, fake_port, layout.streams)
+        nginx.check_config(binary, conf, log)
+        return _Plan(name, nginx.nginx_argv(binary, conf, log), dict(os.environ), url)
+    env = child_environment(fake_url, port, layout.otlp_endpoint, name == "gateway-prod")
+    validate_config(config, env)
+    return _Plan(
+        name, gateway_argv("serve", "--config", str(config), "--port", str(port)), env, url
+    )
+
+
+async def wait_all_ready(services: Services) -> None:
+    """Every service answers; then each nginx target is charged to its worker. Raises
+    BenchError as `wait_ready` does."""
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        await wait_ready(session, services.fake, "/v1/models", deadline)
+        for name, service in services.proxies.items():
+            await wait_ready(session, service, _READY_PATHS[name], deadline)
+    if "nginx" in services.proxies:
+        master = services.proxies["nginx"]
+        master.charged_pid = nginx.worker_pid(master.proc.pid)
 
 
 async def wait_ready(
@@ -162,88 +248,3 @@ async def wait_ready(
                 f"{service.log_tail()}"
             )
         await asyncio.sleep(0.1)
-
-
-# --- what /proc says -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ProcSample:
-    """One reading of a process's counters from /proc."""
-
-    cpu_s: float
-    rss_mib: float
-    hwm_mib: float
-
-
-def sample_process(pid: int) -> ProcSample | None:
-    """utime+stime, VmRSS and VmHWM of `pid`; None where /proc is not available."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after its last ")".
-    fields = stat.rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
-    kib = {}
-    for line in status.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            kib[key] = int(value.split()[0])
-    return ProcSample(
-        cpu_s=ticks / os.sysconf("SC_CLK_TCK"),
-        rss_mib=kib.get("VmRSS", 0) / 1024,
-        hwm_mib=kib.get("VmHWM", 0) / 1024,
-    )
-
-
-def listen_overflows() -> int | None:
-    """The kernel's count of connections dropped because a listen queue was full (system-wide
-    TcpExt ListenOverflows); None where /proc/net/netstat is not available."""
-    try:
-        lines = Path("/proc/net/netstat").read_text().splitlines()
-    except OSError:
-        return None
-    # Pairs of lines: "TcpExt: Name1 Name2 ..." then "TcpExt: value1 value2 ...".
-    for names, values in zip(lines[::2], lines[1::2], strict=False):
-        if names.startswith("TcpExt:"):
-            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
-            value = table.get("ListenOverflows")
-            return int(value) if value is not None else None
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class RunCost:
-    """What the host counted over one run: the charged process's counters before and after it
-    (None for a direct run, or without /proc) and the connections dropped by full listen
-    queues in between (None without /proc)."""
-
-    before: ProcSample | None
-    after: ProcSample | None
-    listen_overflows: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class CostMeter:
-    """The readings taken as a run starts; `stop()` takes them again as it ends."""
-
-    pid: int | None  # the process charged (None: none, a direct run)
-    before: ProcSample | None
-    overflows: int | None
-
-    @classmethod
-    def start(cls, pid: int | None) -> CostMeter:
-        overflows = listen_overflows()
-        return cls(pid, sample_process(pid) if pid is not None else None, overflows)
-
-    def stop(self) -> RunCost:
-        after = sample_process(self.pid) if self.pid is not None else None
-        overflows = listen_overflows()
-        dropped = (
-            overflows - self.overflows
-            if overflows is not None and self.overflows is not None
-            else None
-        )
-        return RunCost(self.before, after, dropped)

@@ -1,6 +1,8 @@
-"""`gateway bench`: one streaming workload sent directly to the fake provider and through the
-gateway, both running as subprocesses on loopback; prints latency percentiles, throughput and
-the gateway process's CPU and memory cost.
+"""`gateway bench`: one streaming workload sent to the fake provider directly and through
+each target in front of it (nginx, the gateway, the gateway with production features), all
+running as subprocesses on loopback, interleaved and repeated; prints latency percentiles,
+throughput and each target process's CPU and memory cost. `--soak N` instead holds N slow
+streams through one target at a time and prints what holding them costs.
 
 The contract of `run_bench`: it always stops the subprocesses it started (also on Ctrl-C), every
 run is bounded by its stream count and by `--max-seconds`, every request has a timeout, and the
@@ -17,33 +19,38 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
-import aiohttp
-
+from gateway.bench.machine import CostMeter, raise_open_file_limit
 from gateway.bench.processes import (
-    READY_TIMEOUT_S,
-    CostMeter,
-    Service,
+    Layout,
+    Services,
     bench_config,
     running_services,
-    wait_ready,
+    wait_all_ready,
 )
-from gateway.bench.report import RunResult, render
+from gateway.bench.report import BUSY_PCT, render
 from gateway.bench.settings import (
     WARMUP_CONCURRENCY,
     WARMUP_STREAMS,
     BenchError,
     BenchSettings,
 )
+from gateway.bench.soak import SoakResult, check_open_files, render_soak, soak
+from gateway.bench.summary import RunResult
 from gateway.bench.workload import Target, make_target, run_closed_loop
 
-CALLER_KEY = "demo-key-not-secret"  # its sha256 is in bench.yaml
-DIRECT_KEY = "sk-bench-direct"  # the fake provider accepts any key
+# The fake provider accepts any key; the gateways know the sha256 of theirs (bench.yaml).
+KEYS = {
+    "direct": "sk-bench-direct",
+    "nginx": "sk-bench-direct",  # nginx passes the client's Authorization on to the fake
+    "gateway": "demo-key-not-secret",  # a caller without limits
+    "gateway-prod": "bench-prod-key-not-secret",  # a caller in the limited tier
+}
+_T = TypeVar("_T")
 
 
 def _progress(message: str) -> None:
@@ -51,40 +58,57 @@ def _progress(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
+def _target(services: Services, name: str, chunks: int, gap_ms: int) -> Target:
+    service = services.fake if name == "direct" else services.proxies[name]
+    return make_target(name, service.url, KEYS[name], chunks, gap_ms)
+
+
+def _charged_pid(services: Services, name: str) -> int | None:
+    return None if name == "direct" else services.proxies[name].charged_pid
+
+
+def _log_tail(services: Services, name: str) -> str:
+    """The end of the target's output (the fake provider's for direct), for failed runs."""
+    service = services.fake if name == "direct" else services.proxies[name]
+    tail = service.log_tail()
+    return f"the end of {service.name}'s log:\n{tail}" if tail else f"{service.name}: no log"
+
+
 # --- the sweep -----------------------------------------------------------------------------
 
 
 async def _measure(
-    target: Target, settings: BenchSettings, concurrency: int, gateway_pid: int | None
+    settings: BenchSettings, services: Services, target: Target, cell: tuple[int, int]
 ) -> RunResult:
-    """One run; `gateway_pid` is the process whose cost it charges (None for direct runs)."""
-    meter = CostMeter.start(gateway_pid)
+    """One run of `target` at `cell` = (concurrency, repeat), charged to the target's process
+    (none for direct)."""
+    concurrency, repeat = cell
+    meter = CostMeter.start(_charged_pid(services, target.name), services.fake.proc.pid)
     stats = await run_closed_loop(
         target,
         concurrency=concurrency,
         streams=settings.streams_for(concurrency),
         max_seconds=settings.max_seconds,
     )
-    result = RunResult.build(target, concurrency, stats, meter.stop())
+    result = RunResult.build(target, concurrency, stats, meter.stop(), repeat)
     _progress(
         f"{result.where}: {result.streams} streams, "
         f"{result.errors} errors" + (f" ({result.error_kinds})" if result.errors else "")
     )
+    if result.errors:
+        _progress(_log_tail(services, target.name))
+    if result.client_cpu_pct >= BUSY_PCT:
+        _progress(
+            f"warning: {result.where}: the client used {result.client_cpu_pct:.0f} % of a "
+            "core; it may be the bottleneck of this run"
+        )
     return result
 
 
-def _targets(
-    settings: BenchSettings, fake: Service, gateway: Service, gap_ms: int
-) -> tuple[Target, Target]:
-    return (
-        make_target("direct", fake.url, DIRECT_KEY, settings.chunks, gap_ms),
-        make_target("gateway", gateway.url, CALLER_KEY, settings.chunks, gap_ms),
-    )
-
-
-async def _warm_up(settings: BenchSettings, fake: Service, gateway: Service) -> None:
-    """A few streams on each path first. Raises BenchError if any fails."""
-    for target, service in zip(_targets(settings, fake, gateway, 0), (fake, gateway), strict=True):
+async def _warm_up(settings: BenchSettings, services: Services) -> None:
+    """A few streams on each target first. Raises BenchError if any fails."""
+    for name in settings.targets:
+        target = _target(services, name, settings.chunks, 0)
         stats = await run_closed_loop(
             target,
             concurrency=WARMUP_CONCURRENCY,
@@ -93,23 +117,53 @@ async def _warm_up(settings: BenchSettings, fake: Service, gateway: Service) -> 
         )
         if stats.errors:
             raise BenchError(
-                f"warm-up against {target.name} failed: {stats.error_kinds()}\n{service.log_tail()}"
+                f"warm-up against {name} failed: {stats.error_kinds()}\n"
+                + _log_tail(services, name)
             )
     _progress(f"warm-up done ({WARMUP_STREAMS} streams at concurrency {WARMUP_CONCURRENCY} each)")
 
 
-async def _bench(settings: BenchSettings, fake: Service, gateway: Service) -> list[RunResult]:
-    async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        await wait_ready(session, fake, "/v1/models", deadline)
-        await wait_ready(session, gateway, "/healthz", deadline)
-    await _warm_up(settings, fake, gateway)
+async def _ready(settings: BenchSettings, services: Services) -> None:
+    """Every service answers, and a warm-up on each target succeeded. Raises BenchError."""
+    await wait_all_ready(services)
+    if "nginx" in services.proxies:
+        _progress(f"nginx worker pid {services.proxies['nginx'].charged_pid} (measured)")
+    await _warm_up(settings, services)
+
+
+async def _sweep(settings: BenchSettings, services: Services) -> list[RunResult]:
+    """Every (gap, concurrency) cell, its targets interleaved within each repeat."""
+    await _ready(settings, services)
     results: list[RunResult] = []
     for gap_ms in settings.gaps_ms:
-        direct, through = _targets(settings, fake, gateway, gap_ms)
+        targets = [_target(services, t, settings.chunks, gap_ms) for t in settings.targets]
         for concurrency in settings.concurrency:
-            results.append(await _measure(direct, settings, concurrency, None))
-            results.append(await _measure(through, settings, concurrency, gateway.proc.pid))
+            for repeat in range(settings.repeats):
+                for target in targets:
+                    cell = (concurrency, repeat)
+                    results.append(await _measure(settings, services, target, cell))
+    return results
+
+
+# --- the soak ------------------------------------------------------------------------------
+
+
+async def _soaks(settings: BenchSettings, services: Services) -> list[SoakResult]:
+    """Each target's soak in turn, after the warm-up."""
+    await _ready(settings, services)
+    results = []
+    for name in settings.targets:
+        target = _target(services, name, settings.soak_chunks, settings.soak_gap_ms)
+        _progress(f"soak: {settings.soak} streams through {name}")
+        pids = (_charged_pid(services, name), services.fake.proc.pid)
+        result = await soak(target, settings.soak, pids, settings.max_seconds)
+        _progress(
+            f"soak {name}: {result.ok} streams, {result.errors} errors"
+            + (f" ({result.error_kinds})" if result.errors else "")
+        )
+        if result.errors:
+            _progress(_log_tail(services, name))
+        results.append(result)
     return results
 
 
@@ -122,9 +176,9 @@ def _client_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def _run_async(coro: Coroutine[Any, Any, list[RunResult]]) -> list[RunResult]:
+def _run_async(coro: Coroutine[Any, Any, _T]) -> _T:
     # uvloop for the client too when available: a cheaper client steals less CPU from the
-    # gateway and the fake provider it shares the cores with.
+    # targets and the fake provider it shares the cores with.
     with asyncio.Runner(loop_factory=_client_loop_factory()) as runner:
         return runner.run(coro)
 
@@ -167,11 +221,13 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """`gateway bench`: start the fake provider and the gateway, run the sweep, print the
-    report. Returns 0, or 1 if any stream failed or the set-up failed, 2 on bad arguments,
-    130 on Ctrl-C; the subprocesses are stopped in every case."""
+    """`gateway bench`: start the fake provider and the targets, run the sweep (or the soak),
+    print the report. Returns 0, or 1 if any stream failed or the set-up failed, 2 on bad
+    arguments (a soak needing more open files than allowed included), 130 on Ctrl-C; the
+    subprocesses are stopped in every case."""
     try:
         settings = BenchSettings.from_args(args)
+        check_open_files(settings, raise_open_file_limit())
     except BenchError as exc:
         print(f"gateway bench: {exc}", file=sys.stderr)
         return 2
@@ -189,34 +245,51 @@ def run_bench(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _sweep(settings: BenchSettings, directory: Path) -> list[RunResult]:
-    """Start the subprocesses (and the sink with --tracing), run the sweep, stop them all."""
+def _with_services(
+    settings: BenchSettings,
+    directory: Path,
+    work: Callable[[BenchSettings, Services], Coroutine[Any, Any, _T]],
+) -> _T:
+    """Start the subprocesses (and the sink with --tracing), run `work`, stop them all."""
     with contextlib.ExitStack() as stack:
         otlp_endpoint = ""
         if settings.tracing:
             otlp_endpoint = stack.enter_context(_otlp_sink())
             _progress(f"tracing on: every trace exported to {otlp_endpoint}")
-        fake, gateway = stack.enter_context(running_services(directory, otlp_endpoint))
-        _progress(f"fake provider pid {fake.proc.pid} at {fake.url}")
-        _progress(f"gateway pid {gateway.proc.pid} at {gateway.url}")
-        return _run_async(_bench(settings, fake, gateway))
+        layout = Layout(directory, settings.targets, otlp_endpoint, settings.peak_streams)
+        services = stack.enter_context(running_services(layout))
+        _progress(f"fake provider pid {services.fake.proc.pid} at {services.fake.url}")
+        for name, service in services.proxies.items():
+            _progress(f"{name} pid {service.proc.pid} at {service.url}")
+        return _run_async(work(settings, services))
+
+
+def _report(settings: BenchSettings, directory: Path) -> tuple[str, list[str]]:
+    """The report, and a line for each run with failed streams."""
+    if settings.soak:
+        soaks = _with_services(settings, directory, _soaks)
+        failed = [
+            f"soak {r.target}: {r.errors} failed streams ({r.error_kinds})"
+            for r in soaks
+            if r.errors
+        ]
+        return render_soak(settings, soaks), failed
+    runs = _with_services(settings, directory, _sweep)
+    failed = [f"{r.where}: {r.errors} failed streams ({r.error_kinds})" for r in runs if r.errors]
+    return render(settings, runs), failed
 
 
 def _run_bench(settings: BenchSettings) -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         try:
-            results = _sweep(settings, Path(tmp))
+            report, failed = _report(settings, Path(tmp))
         except BenchError as exc:
             print(f"gateway bench: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("gateway bench: interrupted", file=sys.stderr)
             return 130
-    print(render(settings, results))
-    failed = [r for r in results if r.errors]
-    for r in failed:
-        print(
-            f"gateway bench: {r.where}: {r.errors} failed streams ({r.error_kinds})",
-            file=sys.stderr,
-        )
+    print(report)
+    for line in failed:
+        print(f"gateway bench: {line}", file=sys.stderr)
     return 1 if failed else 0
