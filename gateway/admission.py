@@ -150,8 +150,11 @@ async def _admit_caller(
         ) from None
     report.limiter = "degraded" if decision.degraded else "ok"
     backend = "fallback" if decision.degraded else ticket.limiter.name
-    tel.metrics.limiter_decisions.labels(
-        backend, "allowed" if decision.allowed else "denied", decision.denied_by or "none"
+    tel.metrics.child(
+        tel.metrics.limiter_decisions,
+        backend,
+        "allowed" if decision.allowed else "denied",
+        decision.denied_by or "none",
     ).inc()
     if span.is_recording():
         span.set_attributes(

@@ -348,7 +348,7 @@ class Attempts:
     def _retried(self, retry: Retry) -> None:
         report = self.report
         report.retry_reasons.append(retry.reason)
-        self.tel.metrics.retries.labels(retry.provider, retry.reason).inc()
+        self.tel.metrics.child(self.tel.metrics.retries, retry.provider, retry.reason).inc()
         backoff_ms = round(retry.backoff_s * 1000, 3)
         _log.info(
             "upstream attempt failed",

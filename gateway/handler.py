@@ -140,6 +140,9 @@ class Handler:
             if isinstance(answer, Reply):
                 response: web.StreamResponse = self._reply(answer, report)
             else:
+                # No attempt follows a committed stream: the caller's body (a long prompt) need
+                # not stay in memory for as long as the stream lasts.
+                req.parsed.body.clear()
                 response = web.StreamResponse(status=answer.status, headers=answer.headers)
                 self._stamp(response, report)
                 mark_overhead(response, report)

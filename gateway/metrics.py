@@ -8,6 +8,8 @@ reason, limit; never caller-controlled free text. One `Metrics` per app, on its 
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
@@ -32,10 +34,17 @@ _GENAI = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model
 ERROR_OUTCOMES = tuple(o.value for o in Outcome if o.is_error)
 
 
+_Family = TypeVar("_Family", Counter, Gauge, Histogram)
+
+
 class Metrics:
     """The metric families. Methods are cheap; nothing here runs per chunk."""
 
     def __init__(self) -> None:
+        # Children by (family, label values): prometheus_client's labels() takes a lock and
+        # converts every value on each call, and a request asks for several (labels are
+        # bounded, so this is too).
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.operation_duration = Histogram(
@@ -111,6 +120,14 @@ class Metrics:
             ("backend", "decision", "limit"),
             registry=r,
         )
+
+    def child(self, family: _Family, *values: str) -> _Family:
+        """`family.labels(*values)`, remembered."""
+        key = (id(family), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = family.labels(*values)
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -205,7 +205,7 @@ class StreamOwner:
         upstream response."""
         report = self.report
         report.streaming(self.stream.status, self.stream.facts)
-        active = tel.metrics.active_streams.labels(report.model_label)
+        active = tel.metrics.child(tel.metrics.active_streams, report.model_label)
         try:
             await response.prepare(self.request)
             self.state = State.COMMITTED

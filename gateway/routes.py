@@ -104,10 +104,10 @@ async def metrics_handler(request: web.Request) -> web.Response:
     for name, pool in runtime.pools.items():
         for key, state, in_flight in pool.key_states(now):
             for candidate in ("ok", "cooldown", "disabled"):
-                metrics.key_state.labels(name, key.id, candidate).set(
+                metrics.child(metrics.key_state, name, key.id, candidate).set(
                     1 if candidate == state else 0
                 )
-            metrics.key_in_flight.labels(name, key.id).set(in_flight)
+            metrics.child(metrics.key_in_flight, name, key.id).set(in_flight)
     return web.Response(
         body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
     )

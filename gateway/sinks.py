@@ -170,30 +170,30 @@ def record(metrics: Metrics, r: Report, now: float) -> None:
     series."""
     model = r.model_label
     label = r.label
-    metrics.requests.labels(model, label.value).inc()
+    metrics.child(metrics.requests, model, label.value).inc()
     if r.attempts == 0 and r.deployment is None:
         return  # answered by the gateway alone: no GenAI operation happened
     provider, deployment, op = r.api, r.deployment or "", r.operation
     error_type = "" if label in (Outcome.OK, Outcome.CLIENT_CANCEL) else r.outcome
-    metrics.operation_duration.labels(op, provider, model, deployment, error_type).observe(
+    metrics.child(metrics.operation_duration, op, provider, model, deployment, error_type).observe(
         now - r.started
     )
     if r.overhead_ms is not None:
-        metrics.overhead.labels(model).observe(r.overhead_ms / 1000)
+        metrics.child(metrics.overhead, model).observe(r.overhead_ms / 1000)
     usage = r.final_usage
     if usage is not None:
         for kind, tokens in (("input", usage.input_tokens), ("output", usage.output_tokens)):
             if tokens is not None:
-                metrics.token_usage.labels(op, provider, model, kind).observe(tokens)
+                metrics.child(metrics.token_usage, op, provider, model, kind).observe(tokens)
     facts = r.facts
     if facts is None or facts.first_token_at is None:
         return
-    metrics.time_to_first_chunk.labels(op, provider, model, deployment).observe(
+    metrics.child(metrics.time_to_first_chunk, op, provider, model, deployment).observe(
         facts.first_token_at - r.started
     )
     last = facts.last_event_at
     chunks = facts.events - (facts.first_token_event or 0) - 1
     if last is not None and chunks > 0:
-        metrics.time_per_output_chunk.labels(op, provider, model, deployment).observe(
+        metrics.child(metrics.time_per_output_chunk, op, provider, model, deployment).observe(
             (last - facts.first_token_at) / chunks
         )

@@ -116,3 +116,13 @@ def test_usage_chunk_detection_needs_both_markers() -> None:
     event = orjson.dumps({"choices": [], "note": "usage"})
     stripper = UsageStripper()
     assert stripper.feed(b"data: " + event + b"\n\n") == b"data: " + event + b"\n\n"
+
+
+def test_an_empty_choices_chunk_without_usage_is_kept() -> None:
+    # Azure OpenAI sends its prompt filter results as a first chunk with no choices.
+    azure = b'data: {"choices":[],"prompt_filter_results":[{"prompt_index":0}]}\n\n'
+    stream = azure + chunk(0) + USAGE + chunk(1) + b"data: [DONE]\n\n"
+    stripper = UsageStripper()
+    assert stripper.feed(stream) + stripper.flush() == azure + stripped(
+        chunk(0) + USAGE + chunk(1) + b"data: [DONE]\n\n"
+    )

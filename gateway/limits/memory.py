@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
 import time
-import uuid
 from collections.abc import Callable
 
 from gateway.limits.base import PERIOD_S, Decision, Lease, LimitSpec, Usage
@@ -18,6 +18,7 @@ class MemoryLimiter:
     ) -> None:
         self.name = name
         self._clock = clock
+        self._lease_ids = itertools.count(1)
         self._tat: dict[str, float] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._ops = 0
@@ -68,7 +69,7 @@ class MemoryLimiter:
             taken.append(held)
         lease = None
         if taken:
-            lease_id = uuid.uuid4().hex
+            lease_id = f"m{next(self._lease_ids):x}"  # unique within this limiter
             for held in taken:
                 held[lease_id] = now + lease_ttl_s
             lease = Lease(

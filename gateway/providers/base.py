@@ -104,7 +104,8 @@ class UpstreamRequest:
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
     """The caller's request, parsed once at the edge. Every attempt is built from it afresh
-    (its body dict is never modified)."""
+    (its body dict is never modified; once a stream is committed, when no attempt can follow,
+    it is emptied to free the prompt)."""
 
     endpoint: Endpoint
     body: dict[str, Any]

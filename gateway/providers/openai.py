@@ -264,6 +264,8 @@ class UsageStripper:
     MAX_HELD = 64 * 1024
     _NULL = b',"usage":null'
     _BOUNDARY = b"\n\n"
+    _EMPTY_CHOICES = b'"choices":[]'
+    _USAGE_OBJECT = b'"usage":{'
 
     def __init__(self) -> None:
         self._pending = b""
@@ -297,14 +299,20 @@ class UsageStripper:
         return b""
 
     def _strip(self, events: bytes) -> bytes:
-        if b'"choices":[]' in events and b'"usage":{' in events:
-            kept = [
-                e
-                for e in events.split(self._BOUNDARY)
-                if not (b'"choices":[]' in e and b'"usage":{' in e)
-            ]
-            events = self._BOUNDARY.join(kept)
-        return events.replace(self._NULL, b"")
+        """Whole events without the usage-only chunk and the `"usage":null` members: the
+        usage chunk is found where it is (its `"choices":[]`), not by splitting every event."""
+        pos = events.find(self._EMPTY_CHOICES)
+        while pos >= 0:
+            start = events.rfind(self._BOUNDARY, 0, pos)
+            start = 0 if start < 0 else start + 2
+            end = events.find(self._BOUNDARY, pos)
+            end = len(events) if end < 0 else end + 2
+            if self._USAGE_OBJECT in events[start:end]:
+                events = events[:start] + events[end:]
+                pos = events.find(self._EMPTY_CHOICES, start)
+            else:
+                pos = events.find(self._EMPTY_CHOICES, end)
+        return events.replace(self._NULL, b"") if self._NULL in events else events
 
 
 def next_sequence_number(observer: object) -> int:
