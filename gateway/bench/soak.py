@@ -18,6 +18,9 @@ from gateway.bench.workload import EventCounter, RunStats, Target
 
 SAMPLE_INTERVAL_S = 0.25
 MAX_RAMP_S = 5.0
+# New streams a second at most during the ramp: each costs the target an accept, a request and
+# an upstream connection; thousands a second would measure connection storms, not holding.
+RAMP_RATE = 500.0
 SETTLE_S = 0.5  # after the last stream, before the "after" reading
 # File descriptors a process needs beside its streams' sockets (listeners, logs, epoll...).
 SPARE_FDS = 64
@@ -130,7 +133,7 @@ async def _hold(target: Target, n: int, pid: int | None, bound_s: float) -> _Hel
     """`n` streams of `target`, started over the ramp, while the sampler reads `pid`; streams
     still open after `bound_s` are cancelled and counted as failed."""
     held = _Held()
-    ramp_s = min(MAX_RAMP_S, target.scripted_s / 2)
+    ramp_s = min(max(MAX_RAMP_S, n / RAMP_RATE), target.scripted_s / 2)
     connector = aiohttp.TCPConnector(limit=n, limit_per_host=0)
     async with (
         aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
@@ -244,7 +247,8 @@ def soak_description(settings: BenchSettings) -> list[str]:
         f"Soak: {n} OpenAI chat completion streams of {settings.soak_chunks} content chunks "
         f"{settings.soak_gap_ms} ms apart from the fake provider, held through one target at "
         f"once (targets one after another: {', '.join(settings.targets)}), their starts spread "
-        f"over min({MAX_RAMP_S:g} s, half a stream); one client session with {n} connections, "
+        f"over min(max({MAX_RAMP_S:g} s, N / {RAMP_RATE:g} a second), half a stream); one "
+        f"client session with {n} connections, "
         "counting events only.",
         "Target process (nginx: its worker): VmRSS before the soak (idle, after a warm-up), "
         f"its peak (sampled every {SAMPLE_INTERVAL_S:g} s), and {SETTLE_S:g} s after the "
