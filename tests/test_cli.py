@@ -18,7 +18,15 @@ import orjson
 import pytest
 import yaml
 
-from tests.support import CALLER_KEY, UPSTREAM_KEYS, Fake, base_config, free_port
+from tests.support import (
+    CALLER_KEY,
+    UPSTREAM_KEYS,
+    Fake,
+    Served,
+    base_config,
+    free_port,
+    serve_gateway,
+)
 
 ROOT = Path(__file__).parents[1]
 
@@ -145,46 +153,12 @@ def test_check_config_warns_about_inline_secrets_and_still_passes(tmp_path: Path
         assert value not in result.stderr + result.stdout
 
 
-class Served:
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, config: Path) -> None:
-        self.proc = proc
-        self.url = url
-        self.config = config
-
-
 @pytest.fixture
 async def served(fake: Fake, tmp_path: Path) -> AsyncIterator[Served]:
-    port = free_port()
     config = base_config(fake.url)
-    config["server"]["port"] = port
     config["server"]["drain_timeout_s"] = 10
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    log = (tmp_path / "gateway.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
-        cwd=ROOT,
-        stdout=log,
-        stderr=log,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(url + "/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert proc.poll() is None, (tmp_path / "gateway.log").read_text()
-                await asyncio.sleep(0.05)
-        yield Served(proc, url, path)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        log.close()
+    async with serve_gateway(config, tmp_path) as gw:
+        yield gw
 
 
 async def _models(url: str) -> list[str]:

@@ -14,11 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -50,11 +47,12 @@ from tests.support import (
     UPSTREAM_KEYS,
     Fake,
     GatewayFactory,
+    Served,
     base_config,
     deep_merge,
-    free_port,
     one_bad_key,
     sensitive_strings,
+    serve_gateway,
     sha,
 )
 
@@ -302,48 +300,11 @@ async def test_in_process_logs_hold_no_secret_or_prompt(
         assert HEX16.match(line["span_id"])
 
 
-@dataclass
-class Served:
-    proc: subprocess.Popen[bytes]
-    url: str
-    config: Path
-    log: Path
-
-
 @pytest.fixture
 async def served(fake: Fake, tmp_path: Path) -> AsyncIterator[Served]:
-    port = free_port()
     config = deep_merge(base_config(fake.url), hygiene_extra(fake.url))
-    config["server"]["port"] = port
-    config["server"]["drain_timeout_s"] = 5
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    log_path = tmp_path / "gateway.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(url + "/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert proc.poll() is None, log_path.read_text()
-                await asyncio.sleep(0.05)
-        yield Served(proc, url, path, log_path)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    async with serve_gateway(config, tmp_path) as gw:
+        yield gw
 
 
 async def test_served_process_logs_hold_no_secret_or_prompt(served: Served) -> None:
