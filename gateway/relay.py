@@ -30,7 +30,6 @@ from gateway.errors import Kind
 from gateway.logs import get_logger
 from gateway.providers import WIRE_APIS
 from gateway.providers.base import Stripper
-from gateway.providers.openai import next_sequence_number
 from gateway.render import terminal_event
 from gateway.report import Outcome, Report
 from gateway.sse import SSEError
@@ -436,8 +435,7 @@ class StreamOwner:
         return Outcome.CLIENT_CANCEL
 
     def _error_event(self, end: Outcome) -> bytes:
-        provider = self.report.deployment or ""
-        provider = provider.split("/", 1)[0]
+        provider = self.stream.provider
         timeouts = self.req.route.timeouts
         if end is Outcome.CHUNK_TIMEOUT:
             kind = Kind.UPSTREAM_TIMEOUT
@@ -451,7 +449,7 @@ class StreamOwner:
         else:
             kind = Kind.UPSTREAM_ERROR
             message = f"The upstream provider '{provider}' ended the stream before it was complete."
-        sequence = next_sequence_number(self.stream.observer)
+        sequence = self.stream.observer.next_sequence_number()
         return terminal_event(self.req.endpoint, kind, message, sequence)
 
     def _first_token(self) -> None:

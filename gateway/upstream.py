@@ -82,6 +82,7 @@ class OpenStream:
     held: bytes
     decoder: SSEDecoder
     observer: StreamObserver
+    provider: str  # the provider's name (for the gateway's own messages about it)
 
     @property
     def facts(self) -> StreamFacts:
@@ -433,7 +434,7 @@ class Upstream:
         # The held first event is scrubbed like any non-stream body (an error event may echo
         # the key); what follows is relayed byte for byte.
         first = scrub(bytes(held), self.runtime.secrets)
-        return OpenStream(response, response.status, headers, first, decoder, observer)
+        return OpenStream(response, response.status, headers, first, decoder, observer, provider)
 
     def _first_event_failure(self, facts: StreamFacts, provider: str) -> Failure | None:
         """A retryable error as the stream's first event; None when the request itself is bad

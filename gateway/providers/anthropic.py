@@ -115,6 +115,9 @@ class MessagesObserver:
     def skip(self, events: list[SSEEvent]) -> None:
         self.facts.events += len(events)
 
+    def next_sequence_number(self) -> int:
+        return 0  # Messages events are not numbered
+
     def on_end(self) -> None:
         return None
 

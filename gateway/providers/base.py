@@ -76,6 +76,10 @@ class StreamObserver(Protocol):
     def skip(self, events: list[SSEEvent]) -> None:
         """Account for events the relay did not show one by one (`quiet` said so)."""
 
+    def next_sequence_number(self) -> int:
+        """The number an event the gateway appends now must carry, for APIs that number their
+        events (the Responses API); 0 for the others."""
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:

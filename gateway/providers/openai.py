@@ -124,6 +124,9 @@ class ChatObserver:
     def skip(self, events: list[SSEEvent]) -> None:
         self.facts.events += len(events)
 
+    def next_sequence_number(self) -> int:
+        return 0  # Chat and Completions events are not numbered
+
     def on_end(self) -> None:
         facts = self.facts
         if (facts.usage is None or facts.finish_reason is None) and self._last is not None:
@@ -313,14 +316,6 @@ class UsageStripper:
             else:
                 pos = events.find(self._EMPTY_CHOICES, end)
         return events.replace(self._NULL, b"") if self._NULL in events else events
-
-
-def next_sequence_number(observer: object) -> int:
-    """For a gateway-written event at the end of `observer`'s stream: the Responses API's next
-    sequence number (other APIs do not number events: 0)."""
-    if isinstance(observer, ResponsesObserver):
-        return observer.next_sequence_number()
-    return 0
 
 
 def usage_from_body(body: bytes) -> Usage | None:
