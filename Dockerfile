@@ -2,6 +2,9 @@
 #   docker build -t llm-gateway .
 #   docker run -p 8080:8080 -v $PWD/config/gateway.yaml:/etc/llm-gateway/gateway.yaml:ro \
 #     -e OPENAI_KEY_1 -e ANTHROPIC_KEY_1 llm-gateway
+# 8080 is the API (server.port); 9090 the admin listener (admin.port: /metrics, /readyz,
+# /status), when the YAML has an `admin` section with host 0.0.0.0. Publish 9090 to your
+# monitoring network only. The whole stack: deploy/compose.yaml.
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -18,7 +21,7 @@ RUN pip install . \
 COPY config/gateway.example.yaml /etc/llm-gateway/gateway.yaml
 
 USER 10001
-EXPOSE 8080
+EXPOSE 8080 9090
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["gateway", "healthcheck", "--url", "http://127.0.0.1:8080/healthz"]

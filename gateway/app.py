@@ -3,38 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from gateway.appkeys import (
     HTTP_CLIENT,
-    JWT,
     LIMITER,
+    OPS,
     OUTCOME_SINKS,
     RANDOM,
     RUNTIME,
     TELEMETRY,
-    JwtHolder,
     RuntimeHolder,
 )
 from gateway.config.runtime import Runtime
-from gateway.config.schema import GatewayConfig, JwtConfig
+from gateway.config.schema import GatewayConfig
 from gateway.edge import BodyBudget
 from gateway.handler import Handler
 from gateway.jwtauth import JwtVerifier
 from gateway.limits.base import Limiter
 from gateway.limits.memory import MemoryLimiter
 from gateway.logs import get_logger
+from gateway.ops import ConfigState, Ops, file_digest
 from gateway.providers import ENDPOINTS
 from gateway.routes import (
     error_middleware,
     health_handler,
-    metrics_handler,
     model_handler,
     models_handler,
 )
@@ -140,12 +141,12 @@ def _limiter_ctx(limiter: Limiter) -> Callable[[web.Application], AsyncIterator[
 
 async def _jwt_ctx(app: web.Application) -> AsyncIterator[None]:
     # After the HTTP client context: the JWKS is fetched with the app's client session.
-    verifier = app[JWT].current
+    verifier = app[RUNTIME].current.jwt
     if verifier is not None:
         await verifier.start(app[HTTP_CLIENT])
     yield
     # The one in use at the end (a reload may have replaced the first).
-    verifier = app[JWT].current
+    verifier = app[RUNTIME].current.jwt
     if verifier is not None:
         await verifier.close()
 
@@ -157,17 +158,28 @@ async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(app[TELEMETRY].shutdown)
 
 
-async def swap_jwt(app: web.Application, config: JwtConfig | None) -> None:
-    """Put a verifier for `config` in service (a reload changed `auth.jwt`). The new one has
-    fetched its keys before it takes over; the old one is closed after. Raises ValueError for
-    a bad PEM file, before anything changes."""
-    holder = app[JWT]
-    new = JwtVerifier(config) if config is not None else None
-    if new is not None:
-        await new.start(app[HTTP_CLIENT])
-    old, holder.current = holder.current, new
-    if old is not None:
-        await old.close()
+async def with_jwt(app: web.Application, old: Runtime, new: Runtime) -> Runtime:
+    """`new` with its JWT verifier, ready to be swapped in: the running one when `auth.jwt` is
+    unchanged, else a new one that has fetched its keys (the caller closes the old one once
+    the swap is done: `retire_jwt`). Raises ValueError for a bad PEM file."""
+    config = new.config.auth.jwt
+    if config == old.config.auth.jwt:
+        return dataclasses.replace(new, jwt=old.jwt)
+    verifier = JwtVerifier(config) if config is not None else None
+    if verifier is not None:
+        await verifier.start(app[HTTP_CLIENT])
+    return dataclasses.replace(new, jwt=verifier)
+
+
+async def retire_jwt(old: Runtime, new: Runtime) -> None:
+    """After a swap: close the old runtime's verifier if the new one does not use it."""
+    if old.jwt is not None and old.jwt is not new.jwt:
+        await old.jwt.close()
+
+
+async def _draining(app: web.Application) -> None:
+    # Shutdown has begun (the listener is closed; open requests drain): not ready any more.
+    app[OPS].draining = True
 
 
 def create_app(
@@ -175,22 +187,37 @@ def create_app(
     limiter: Limiter | None = None,
     *,
     telemetry: Telemetry | None = None,
+    config_state: ConfigState | None = None,
 ) -> web.Application:
-    """The gateway application for `runtime` (swap `app[RUNTIME].current` to reload)."""
+    """The gateway application for `runtime` (swap `app[RUNTIME].current` to reload). With an
+    `admin` section, the admin listener runs alongside it (gateway/admin.py)."""
     # Bodies are read by the handlers with the runtime's own bound (413 in the caller's format).
     app = web.Application(middlewares=[error_middleware], client_max_size=2**63)
+    jwt_config = runtime.config.auth.jwt
+    if runtime.jwt is None and jwt_config is not None:
+        runtime = dataclasses.replace(runtime, jwt=JwtVerifier(jwt_config))
     app[RUNTIME] = RuntimeHolder(runtime)
     app[RANDOM] = random.Random()  # noqa: S311  (backoff jitter, not a secret)
     budget = BodyBudget(runtime.server.max_body_bytes_in_flight)
     app[LIMITER] = limiter if limiter is not None else build_limiter(runtime)
-    jwt_config = runtime.config.auth.jwt
-    app[JWT] = JwtHolder(JwtVerifier(jwt_config) if jwt_config is not None else None)
     tel = telemetry if telemetry is not None else Telemetry(runtime.telemetry)
     app[TELEMETRY] = tel
-    sinks: list[Sink] = [metrics_sink(tel.metrics)]
+    if config_state is None:
+        config_state = ConfigState(
+            None, time.time(), file_digest(orjson.dumps(runtime.config.model_dump(mode="json")))
+        )
+    ops = app[OPS] = Ops(config_state)
+    sinks: list[Sink] = [metrics_sink(tel.metrics), ops.window.record]
     if runtime.telemetry.access_log:
         sinks.append(access_log)
     app[OUTCOME_SINKS] = sinks
+    app.on_shutdown.append(_draining)
+    admin = runtime.config.admin
+    if admin is not None:
+        # First in, last out: the admin listener answers (/readyz: 503) through the drain.
+        from gateway.admin import admin_ctx  # noqa: PLC0415
+
+        app.cleanup_ctx.append(admin_ctx(admin))
     # Order matters: the HTTP client first (the JWKS fetch uses it), torn down last.
     app.cleanup_ctx.append(_client_ctx(runtime, tel.enabled))
     app.cleanup_ctx.append(_limiter_ctx(app[LIMITER]))
@@ -203,8 +230,6 @@ def create_app(
     app.router.add_get("/v1/models", models_handler)
     app.router.add_get("/v1/models/{model_id}", model_handler)
     app.router.add_get("/healthz", health_handler)
-    if runtime.telemetry.prometheus:
-        app.router.add_get("/metrics", metrics_handler)
     return app
 
 

@@ -7,17 +7,15 @@ import asyncio
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
-from gateway.appkeys import RUNTIME
 from gateway.config import ConfigError, build_runtime
-from gateway.config.loader import ConfigWarning, load_config_checked
-from gateway.config.runtime import Runtime
+from gateway.config.loader import load_config_checked
 from gateway.logs import configure_logging, get_logger
-from gateway.state import HealthStore
-from gateway.tasks import Tasks
 
 
 def _install_uvloop() -> None:
@@ -52,7 +50,10 @@ def _supervise(args: argparse.Namespace, workers: int) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.app import build_state, create_app, swap_jwt  # noqa: PLC0415
+    from gateway.app import build_state, create_app  # noqa: PLC0415
+    from gateway.appkeys import OPS  # noqa: PLC0415
+    from gateway.ops import ConfigState  # noqa: PLC0415
+    from gateway.reload import Reloader, log_config_warnings  # noqa: PLC0415
     from gateway.serving import header_field_limit, make_runner, serve  # noqa: PLC0415
 
     try:
@@ -68,71 +69,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(runtime.telemetry.log_format, runtime.telemetry.log_level)
     log = get_logger("gateway")
-
-    def log_warnings(warnings: tuple[ConfigWarning, ...]) -> None:
-        for w in warnings:  # where, never the value
-            log.warning(
-                "config warning", file=w.source, line=w.line, key_path=w.key_path, problem=w.message
-            )
+    log_warnings = log_config_warnings
 
     log_warnings(loaded.warnings)
-    app = create_app(runtime, limiter)
+    state = ConfigState(str(Path(args.config).resolve()), time.time(), loaded.digest)
+    app = create_app(runtime, limiter, config_state=state)
 
-    async def on_startup(app: web.Application) -> None:
+    async def reloads(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
+        if app[OPS].admin_url:
+            log.info("admin listener started", url=app[OPS].admin_url)
+        reloader = Reloader(app, args.config)
+        loop.add_signal_handler(signal.SIGHUP, reloader.trigger, "sighup")
+        reloader.start_watching()
+        yield
+        loop.remove_signal_handler(signal.SIGHUP)
+        await reloader.close()
 
-        reloading = Tasks("config-reload")
-        # Reloads run one at a time, in signal order; `latest` lets a reload that a newer
-        # SIGHUP has overtaken while it waited skip its read (the newer one reads the file).
-        one_at_a_time = asyncio.Lock()
-        latest = 0
-
-        def load(health: HealthStore) -> tuple[Runtime, tuple[ConfigWarning, ...]]:
-            # In a worker thread: reading, parsing and compiling a large file takes seconds.
-            fresh = load_config_checked(args.config)
-            return build_runtime(fresh.config, health=health), fresh.warnings
-
-        async def apply(new: Runtime, load_s: float) -> None:
-            old = app[RUNTIME].current
-            if new.config.auth.jwt != old.config.auth.jwt:
-                try:
-                    await swap_jwt(app, new.config.auth.jwt)
-                except ValueError as exc:
-                    log.error("config reload rejected", error=f"auth.jwt: {exc}")
-                    return
-            app[RUNTIME].current = new
-            log.info(
-                "config reloaded",
-                models=len(new.routes),
-                providers=len(new.providers),
-                load_s=round(load_s, 3),
-            )
-
-        async def reload(generation: int) -> None:
-            # A bad file leaves the running config in place, whole; the log says why.
-            async with one_at_a_time:
-                if generation != latest:
-                    return
-                started = loop.time()
-                try:
-                    new, warnings = await asyncio.to_thread(load, app[RUNTIME].current.health)
-                except ConfigError as exc:
-                    log.error("config reload rejected", error=str(exc))
-                    return
-                except Exception as exc:  # a bug, not a bad file: the old config stays too
-                    log.error("config reload rejected", error=f"unexpected {type(exc).__name__}")
-                    return
-                log_warnings(warnings)
-                await apply(new, loop.time() - started)
-
-        def on_sighup() -> None:
-            nonlocal latest
-            latest += 1
-            reloading.spawn(reload(latest), "config-reload")
-
-        loop.add_signal_handler(signal.SIGHUP, on_sighup)
-
-    app.on_startup.append(on_startup)
+    app.cleanup_ctx.append(reloads)
     if not args.no_uvloop:
         _install_uvloop()
     host = args.host or runtime.server.host

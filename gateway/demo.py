@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.appkeys import OPS
 from gateway.config import ConfigError, build_runtime, load_config
 from gateway.fake import FakeProvider, start_fake_provider
 from gateway.logs import configure_logging
@@ -26,7 +27,12 @@ async def _demo(config_path: str, prompt: str, chunks: int, gap_ms: int) -> int:
         print("the demo needs the openai SDK: pip install 'llm-stream-gateway[clients]'")
         return 2
     fake_runner, fake_url = await start_fake_provider(FakeProvider())
-    env = {**os.environ, "FAKE_PROVIDER_URL": fake_url, "GATEWAY_PORT": "0"}
+    env = {
+        **os.environ,
+        "FAKE_PROVIDER_URL": fake_url,
+        "GATEWAY_PORT": "0",
+        "GATEWAY_ADMIN_PORT": "0",
+    }
     try:
         runtime = build_runtime(load_config(config_path, env=env))
     except ConfigError as exc:
@@ -35,13 +41,16 @@ async def _demo(config_path: str, prompt: str, chunks: int, gap_ms: int) -> int:
         return 2
     # Access logs would interleave with the tokens; the demo prints its own summary.
     configure_logging("console", "warning")
-    runner = web.AppRunner(create_app(runtime), handler_cancellation=True, access_log=None)
+    app = create_app(runtime)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     host, port = runner.addresses[0][:2]
     gateway_url = f"http://{host}:{port}"
     print(f"fake provider: {fake_url}   gateway: {gateway_url}   config: {config_path}")
+    if app[OPS].admin_url:
+        print(f"admin listener: {app[OPS].admin_url}  (/metrics, /readyz; /status with the token)")
     print(f"POST {gateway_url}/v1/chat/completions  model=gpt-4o-mini  stream=true")
     client = AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key=DEMO_CALLER_KEY, max_retries=0)
     try:

@@ -31,6 +31,7 @@ class Kind(enum.Enum):
     UPSTREAM_CREDENTIALS = "upstream_credentials"
     OVERLOADED = "overloaded"
     LIMITER_UNAVAILABLE = "limiter_unavailable"
+    CANCELLED_BY_OPERATOR = "cancelled_by_operator"  # a stream ended from the admin listener
     INTERNAL = "internal"
 
 

@@ -26,12 +26,21 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from gateway.admission import admit
-from gateway.appkeys import HTTP_CLIENT, JWT, LIMITER, OUTCOME_SINKS, RANDOM, RUNTIME, TELEMETRY
+from gateway.appkeys import (
+    HTTP_CLIENT,
+    LIMITER,
+    OPS,
+    OUTCOME_SINKS,
+    RANDOM,
+    RUNTIME,
+    TELEMETRY,
+)
 from gateway.attempts import Attempts, Planner, Served
 from gateway.auth import authenticate
 from gateway.config.runtime import Caller, Runtime
 from gateway.edge import BodyBudget, Edge, Request
 from gateway.errors import GatewayError, UpstreamFailure
+from gateway.ops import STREAM_ID_HEADER, new_stream_id
 from gateway.providers import WIRE_APIS
 from gateway.providers.base import Endpoint
 from gateway.relay import StreamOwner
@@ -108,7 +117,7 @@ class Handler:
     ) -> Caller:
         span = tel.child(report.span, "gateway.auth")
         try:
-            caller = await authenticate(request.headers, runtime, request.app[JWT].current)
+            caller = await authenticate(request.headers, runtime, runtime.jwt)
         except GatewayError as err:
             set_error(span, "authentication_failed", err.message)
             raise
@@ -145,8 +154,13 @@ class Handler:
                 req.parsed.body.clear()
                 response = web.StreamResponse(status=answer.status, headers=answer.headers)
                 self._stamp(response, report)
+                stream_id = new_stream_id()
+                response.headers[STREAM_ID_HEADER] = stream_id
                 mark_overhead(response, report)
-                owner = StreamOwner(request, answer, req, report)
+                streams = request.app[OPS].streams
+                owner = StreamOwner(
+                    request, answer, req, report, stream_id=stream_id, streams=streams
+                )
                 keepalive_s = runtime.server.keepalive_comment_s
                 await owner.deliver(response, request.app[TELEMETRY], keepalive_s)
         except BaseException:

@@ -6,7 +6,9 @@ leases and counts keys in flight. Strategies: `least_in_flight` (fewest in fligh
 weight; ties rotate) and `weighted_round_robin` (smooth weighted round robin);
 `max_concurrent_per_key` caps a key. Health (cooldowns, disabled keys, provider backoff) lives
 in a `HealthStore` shared by every pool, every reload and, with a shared backend, every
-instance.
+instance. The in-flight counts live in an `InFlight` shared by every pool of the process and
+carried across reloads by key fingerprint: a reload's new pool sees the leases the old pool's
+streams still hold (and those streams release into the same counter).
 """
 
 from __future__ import annotations
@@ -45,26 +47,52 @@ class KeyHealth:
     backoff_max_s: float = 30.0
 
 
+class _Count:
+    """One key's requests in flight (shared by every pool, old and new, that has the key)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+class InFlight:
+    """The in-flight counts of every upstream key of the process, by fingerprint."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, _Count] = {}
+
+    def count(self, fingerprint: str) -> _Count:
+        found = self._counts.get(fingerprint)
+        if found is None:
+            found = self._counts[fingerprint] = _Count()
+        return found
+
+
 @dataclass(slots=True)
 class _KeyState:
     key: UpstreamKey
-    in_flight: int = 0
+    count: _Count
     current: int = 0  # smooth-WRR running weight
+
+    @property
+    def in_flight(self) -> int:
+        return self.count.n
 
 
 class KeyLease:
     """One key held for one attempt. `release()` is idempotent."""
 
-    __slots__ = ("_state", "key")
+    __slots__ = ("_count", "key")
 
     def __init__(self, state: _KeyState) -> None:
-        self._state: _KeyState | None = state
+        self._count: _Count | None = state.count
         self.key = state.key
 
     def release(self) -> None:
-        if self._state is not None:
-            self._state.in_flight -= 1
-            self._state = None
+        if self._count is not None:
+            self._count.n -= 1
+            self._count = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +114,7 @@ class KeyPool:
         *,
         health: HealthStore | None = None,
         policy: KeyHealth | None = None,
+        in_flight: InFlight | None = None,
     ) -> None:
         if not keys:
             raise ValueError("a key pool needs at least one key")
@@ -94,7 +123,8 @@ class KeyPool:
         self.max_concurrent_per_key = max_concurrent_per_key
         self.health: HealthStore = health if health is not None else MemoryHealthStore()
         self.policy = policy or KeyHealth()
-        self._states = [_KeyState(k) for k in keys]
+        counts = in_flight if in_flight is not None else InFlight()
+        self._states = [_KeyState(k, counts.count(k.fingerprint)) for k in keys]
         self._rotate = 0
         self._provider_name = f"provider:{provider}"
 
@@ -120,7 +150,7 @@ class KeyPool:
             s
             for s in self._states
             if s.key.id not in exclude
-            and (cap is None or s.in_flight < cap)
+            and (cap is None or s.count.n < cap)
             and not self._blocked(s.key, now)
         ]
         if not usable:
@@ -142,9 +172,9 @@ class KeyPool:
             for i in range(1, n):
                 state = usable[(start + i) % n]
                 # in_flight / weight compared without division
-                if state.in_flight * best.key.weight < best.in_flight * state.key.weight:
+                if state.count.n * best.key.weight < best.count.n * state.key.weight:
                     best = state
-        best.in_flight += 1
+        best.count.n += 1
         return KeyLease(best)
 
     def usable_keys(self, now: float) -> int:
@@ -171,6 +201,27 @@ class KeyPool:
             block = self.health.get(s.key.fingerprint)
             state = block.state if block is not None and block.until > now else "ok"
             out.append((s.key, state, s.in_flight))
+        return out
+
+    def key_views(self, now: float) -> list[dict[str, object]]:
+        """Per key, what /admin/keys shows: id, fingerprint (never the secret), state, until
+        (unix seconds while not ok), reason, in flight."""
+        out: list[dict[str, object]] = []
+        for s in self._states:
+            block = self.health.get(s.key.fingerprint)
+            active = block is not None and block.until > now
+            out.append(
+                {
+                    "id": s.key.id,
+                    "fingerprint": s.key.fingerprint,
+                    "state": block.state if block is not None and active else "ok",
+                    "until": round(block.until, 3) if block is not None and active else None,
+                    "reason": block.reason if block is not None and active else None,
+                    "strikes": block.strikes if block is not None and active else 0,
+                    "in_flight": s.count.n,
+                    "weight": s.key.weight,
+                }
+            )
         return out
 
     def succeeded(self, key: UpstreamKey, now: float) -> None:

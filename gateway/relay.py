@@ -28,6 +28,7 @@ from aiohttp import web
 from gateway.edge import Request
 from gateway.errors import Kind
 from gateway.logs import get_logger
+from gateway.ops import LiveStreams
 from gateway.providers import WIRE_APIS
 from gateway.providers.base import Stripper
 from gateway.render import terminal_event
@@ -129,6 +130,13 @@ class _Watchdog:
                 return
         self._handle = self._loop.call_later(max(self._next(now) - now, 0.001), self._check)
 
+    def fire(self, outcome: Outcome) -> None:
+        """End the relay now with `outcome` (an operator's cancel at an event boundary)."""
+        if self.fired is None:
+            self.fired = outcome
+            self._handle.cancel()
+            self._task.cancel()
+
     def claim(self) -> bool:
         """Whether the cancellation being handled is this watchdog's own (and only its own:
         a client that went away at the same time wins)."""
@@ -177,16 +185,30 @@ class _Direct:
 
 
 class StreamOwner:
-    """Takes one committed stream from its held first event to its end."""
+    """Takes one committed stream from its held first event to its end. While it relays it is
+    registered in `streams` under `stream_id` (the `x-gateway-stream-id` header the caller
+    got), where an operator can end it (`stop`)."""
 
     def __init__(
-        self, request: web.Request, stream: OpenStream, req: Request, report: Report
+        self,
+        request: web.Request,
+        stream: OpenStream,
+        req: Request,
+        report: Report,
+        *,
+        stream_id: str,
+        streams: LiveStreams | None = None,
     ) -> None:
         self.request = request
         self.stream = stream
         self.req = req
         self.report = report
+        self.stream_id = stream_id
+        self.streams = streams
         self.state = State.OPEN
+        # Set by `stop`: the stream ends with this outcome at the next event boundary.
+        self._stop: Outcome | None = None
+        self._watchdog: _Watchdog | None = None
         self.observing = True  # the decoder still follows the stream (best effort)
         self.stripper: Stripper | None = (
             WIRE_APIS[req.endpoint.family].usage_stripper() if req.parsed.inject_usage else None
@@ -205,14 +227,19 @@ class StreamOwner:
         report = self.report
         report.streaming(self.stream.status, self.stream.facts)
         active = tel.metrics.child(tel.metrics.active_streams, report.model_label)
+        streams = self.streams
         try:
             await response.prepare(self.request)
             self.state = State.COMMITTED
             active.inc()
+            if streams is not None:
+                streams.add(self, report)
             try:
                 end = await self._relay(response, keepalive_s)
             finally:
                 active.dec()
+                if streams is not None:
+                    streams.remove(self.stream_id)
         finally:
             self.stream.response.close()
             report.bytes_out = self.out  # also when the client's leaving cancels the relay
@@ -223,9 +250,14 @@ class StreamOwner:
         if not await self._write_held(response):
             return self._gone()
         self.state = State.RELAYING
+        stopped = self._stop
+        if stopped is not None and self._at_boundary():
+            return await self._end(response, stopped)
         end = await self._pump(response, keepalive_s)
         if end is Outcome.CLIENT_CANCEL:
             return self._gone()
+        if end is self._stop:
+            return await self._end(response, end)
         self.stream.observer.on_end()
         end = self._classify(end)
         if end in (Outcome.CHUNK_TIMEOUT, Outcome.TOTAL_TIMEOUT):
@@ -262,9 +294,11 @@ class StreamOwner:
             keepalive_s,
             lambda: self.observing and decoder.at_boundary,
         )
+        self._watchdog = watchdog
         try:
             return await self._loop(response, watchdog)
         finally:
+            self._watchdog = None
             watchdog.stop()
 
     async def _loop(self, response: web.StreamResponse, watchdog: _Watchdog) -> Outcome:
@@ -275,47 +309,68 @@ class StreamOwner:
         direct = _Direct.of(self.request, response) if self.out else None
         clock = time.perf_counter
         now = clock()
-        out = self.out
         resumed = False  # back from a keep-alive: the upstream's silence goes on
-        try:
-            while True:
+        while True:
+            try:
+                if not resumed:
+                    watchdog.waiting_since = now
+                resumed = False
+                chunk = await content.readany()
+                watchdog.waiting_since = None
+                if stripper is None:
+                    visible = chunk
+                else:
+                    visible = stripper.feed(chunk) if chunk else stripper.flush()
                 try:
-                    if not resumed:
-                        watchdog.waiting_since = now
-                    resumed = False
-                    chunk = await content.readany()
-                    watchdog.waiting_since = None
-                    if stripper is None:
-                        visible = chunk
-                    else:
-                        visible = stripper.feed(chunk) if chunk else stripper.flush()
-                    try:
-                        if not visible:
-                            pass
-                        elif direct is None:
-                            await write(visible)
-                        elif direct.send(visible):
-                            await direct.drain()  # the client is slow: so is the upstream read
-                    except ConnectionResetError:
-                        return Outcome.CLIENT_CANCEL
-                    if not chunk:
-                        return Outcome.OK
-                    out += len(visible)
-                    now = clock()
-                    watchdog.last_write = now
-                    if self.observing:
-                        observe(chunk, now)
-                except asyncio.CancelledError:
-                    if not watchdog.claim():
-                        raise  # not the watchdog's: the client went away
-                    fired = await self._interrupted(watchdog, write)
-                    if fired is not None:
-                        return fired
-                    resumed = True
-                except (aiohttp.ClientError, OSError):
-                    return Outcome.PAYLOAD_ERROR
-        finally:
-            self.out = out
+                    if not visible:
+                        pass
+                    elif direct is None:
+                        await write(visible)
+                    elif direct.send(visible):
+                        await direct.drain()  # the client is slow: so is the upstream read
+                except ConnectionResetError:
+                    return Outcome.CLIENT_CANCEL
+                if not chunk:
+                    return Outcome.OK
+                self.out += len(visible)  # read live by /admin/streams
+                now = clock()
+                watchdog.last_write = now
+                if self.observing:
+                    observe(chunk, now)
+                if self._stop is not None and self._at_boundary():
+                    return self._stop
+            except asyncio.CancelledError:
+                if not watchdog.claim():
+                    raise  # not the watchdog's: the client went away
+                fired = await self._interrupted(watchdog, write)
+                if fired is not None:
+                    return fired
+                resumed = True
+            except (aiohttp.ClientError, OSError):
+                return Outcome.PAYLOAD_ERROR
+
+    def stop(self, outcome: Outcome) -> bool:
+        """End this stream with `outcome` (its terminal error event, the upstream closed) at
+        the next event boundary: at once when it is at one, else when the event being relayed
+        is whole. False when the stream is already ending."""
+        if self.state not in (State.COMMITTED, State.RELAYING) or self._stop is not None:
+            return False
+        self._stop = outcome
+        watchdog = self._watchdog
+        if watchdog is not None and self._at_boundary():
+            watchdog.fire(outcome)  # interrupts the wait for the upstream (or the client)
+        return True
+
+    def _at_boundary(self) -> bool:
+        """Between two events (False when the stream is not followed as SSE: never known)."""
+        return self.observing and self.stream.decoder.at_boundary
+
+    def live_events(self) -> int:
+        return self.stream.facts.events
+
+    def live_ttft_ms(self) -> float | None:
+        first = self.stream.facts.first_token_at
+        return None if first is None else (first - self.report.started) * 1000
 
     def _observe(self, chunk: bytes, now: float) -> None:
         """Feed `chunk` to the decoder and its events to the observer. Once the first token
@@ -437,7 +492,10 @@ class StreamOwner:
     def _error_event(self, end: Outcome) -> bytes:
         provider = self.stream.provider
         timeouts = self.req.route.timeouts
-        if end is Outcome.CHUNK_TIMEOUT:
+        if end is Outcome.OPERATOR_CANCEL:
+            kind = Kind.CANCELLED_BY_OPERATOR
+            message = "An operator of this gateway ended the stream (cancelled_by_operator)."
+        elif end is Outcome.CHUNK_TIMEOUT:
             kind = Kind.UPSTREAM_TIMEOUT
             message = (
                 f"The upstream provider '{provider}' went silent for more than "

@@ -45,6 +45,7 @@ class Outcome(enum.Enum):
     FORBIDDEN = "forbidden"
     INVALID_REQUEST = "invalid_request"
     INTERNAL_ERROR = "internal_error"
+    OPERATOR_CANCEL = "operator_cancel"  # ended from the admin listener
 
     @property
     def is_error(self) -> bool:
@@ -90,7 +91,10 @@ _BROKEN_STREAMS = frozenset(
 _ERRORS = _BROKEN_STREAMS | {Outcome.UPSTREAM_UNAVAILABLE, Outcome.INTERNAL_ERROR}
 _BY_VALUE: dict[str, Outcome] = {o.value: o for o in Outcome}
 _BY_REASON: dict[str, Outcome] = {
-    **{o.value: o for o in _BROKEN_STREAMS | {Outcome.OK, Outcome.CLIENT_CANCEL}},
+    **{
+        o.value: o
+        for o in _BROKEN_STREAMS | {Outcome.OK, Outcome.CLIENT_CANCEL, Outcome.OPERATOR_CANCEL}
+    },
     "authentication": Outcome.AUTH_FAILED,
     "permission": Outcome.FORBIDDEN,
     "rate_limited": Outcome.RATE_LIMITED,

@@ -1,4 +1,4 @@
-"""The gateway's small endpoints (model lists, health, metrics) and the middleware that gives
+"""The gateway's small endpoints (model lists, health) and the middleware that gives
 every request an id and answers every error a handler did not answer itself."""
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.appkeys import JWT, RUNTIME, TELEMETRY
+from gateway.appkeys import RUNTIME
 from gateway.auth import authenticate
+from gateway.config.runtime import Runtime
 from gateway.errors import GatewayError, Kind
 from gateway.handler import REQUEST_ID
 from gateway.logs import get_logger
+from gateway.metrics import Metrics
 from gateway.providers import WIRE_APIS, caller_api
 from gateway.render import error_response
 from gateway.report import new_request_id
@@ -67,7 +69,7 @@ async def models_handler(request: web.Request) -> web.Response:
     Anthropic SDK is offered only models /v1/messages serves, the OpenAI SDK only those of
     the OpenAI API), in that API's list format."""
     runtime = request.app[RUNTIME].current
-    caller = await authenticate(request.headers, runtime, request.app[JWT].current)
+    caller = await authenticate(request.headers, runtime, runtime.jwt)
     family = caller_api(request.path, request.headers)
     names = [r.name for r in runtime.models_for(caller) if r.family is family]
     return _json(WIRE_APIS[family].model_list(names))
@@ -77,7 +79,7 @@ async def model_handler(request: web.Request) -> web.Response:
     """`GET /v1/models/{id}`: one model in the caller's API format; 404 in that format for an
     id it may not use, does not exist, or is served through the other API."""
     runtime = request.app[RUNTIME].current
-    caller = await authenticate(request.headers, runtime, request.app[JWT].current)
+    caller = await authenticate(request.headers, runtime, runtime.jwt)
     family = caller_api(request.path, request.headers)
     model_id = request.match_info["model_id"]
     route = runtime.routes.get(model_id)
@@ -96,10 +98,9 @@ async def health_handler(request: web.Request) -> web.Response:
     return _json({"status": "ok", "version": __version__, "pid": os.getpid(), "time": time.time()})
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
-    """`GET /metrics`: Prometheus text format (key pool states are read at scrape time)."""
-    metrics = request.app[TELEMETRY].metrics
-    runtime = request.app[RUNTIME].current
+def refresh_key_metrics(metrics: Metrics, runtime: Runtime) -> None:
+    """Key pool states and in-flight counts, read at scrape time (the admin listener's
+    /metrics)."""
     now = time.time()
     for name, pool in runtime.pools.items():
         for key, state, in_flight in pool.key_states(now):
@@ -108,9 +109,6 @@ async def metrics_handler(request: web.Request) -> web.Response:
                     1 if candidate == state else 0
                 )
             metrics.child(metrics.key_in_flight, name, key.id).set(in_flight)
-    return web.Response(
-        body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
-    )
 
 
 def _json(body: object) -> web.Response:

@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from gateway.appkeys import OPS
 from gateway.logs import get_logger
 from gateway.render import malformed_request
 from gateway.report import new_request_id
@@ -130,8 +131,14 @@ async def serve(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     await runner.setup()
+    ops = runner.app[OPS]
+
+    def on_stop() -> None:
+        ops.draining = True  # /readyz answers 503 from this moment (the admin listener stays)
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_stop)
     try:
         site = web.TCPSite(runner, host, port, backlog=backlog, reuse_port=reuse_port or None)
         await site.start()

@@ -21,7 +21,7 @@ import yaml
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.appkeys import RUNTIME
+from gateway.appkeys import OPS, RUNTIME
 from gateway.bench.servers import (  # RedisServer: re-exported, the tests import it from here
     RedisServer,  # noqa: F401
     free_port,
@@ -70,6 +70,11 @@ class Gateway:
     url: str
     app: web.Application
     runtime: Runtime
+    admin_url: str = ""  # the admin listener (every test config has one)
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def base_config(fake_url: str) -> dict[str, Any]:
@@ -107,6 +112,7 @@ def base_config(fake_url: str) -> dict[str, Any]:
             "max_tokens_cap": 1000,
         },
         "telemetry": {"log_format": "json", "access_log": True},
+        "admin": {"host": "127.0.0.1", "port": 0, "token": ADMIN_TOKEN},
     }
 
 
@@ -138,7 +144,10 @@ async def start_gateway(
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     host, port = runner.addresses[0][:2]
-    return runner, Gateway(url=f"http://{host}:{port}", app=app, runtime=app[RUNTIME].current)
+    admin = app[OPS].admin_url or ""
+    return runner, Gateway(
+        url=f"http://{host}:{port}", app=app, runtime=app[RUNTIME].current, admin_url=admin
+    )
 
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
@@ -152,6 +161,8 @@ PROMPT_CANARIES = tuple(
 )
 # A caller key nobody configured (the 401 path) and a shared JWT secret (HS256, >= 32 bytes).
 UNKNOWN_CALLER_KEY = "gw-test-unknown-caller-key-9999"
+# The admin listener's token in every test config that has one.
+ADMIN_TOKEN = "gw-test-admin-token-5e1f0c2a"
 JWT_TEST_SECRET = "jwt-test-hs256-shared-secret-0123456789abcdef"
 
 
@@ -166,6 +177,7 @@ def sensitive_strings(extra: tuple[str, ...] = ()) -> frozenset[str]:
         OTHER_CALLER_KEY,
         UNKNOWN_CALLER_KEY,
         JWT_TEST_SECRET,
+        ADMIN_TOKEN,
         *UPSTREAM_KEYS,
         *ANTHROPIC_KEYS,
         *FALLBACK_KEYS,
@@ -211,6 +223,11 @@ class Served:
     url: str
     config: Path
     log: Path
+    admin_url: str = ""  # when the config has an `admin` section
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -239,6 +256,11 @@ async def serve_gateway(
     port = free_port()
     config.setdefault("server", {})["port"] = port
     config["server"].setdefault("drain_timeout_s", 5)
+    admin_url = ""
+    if config.get("admin") is not None:
+        admin_port = free_port()
+        config["admin"]["port"] = admin_port
+        admin_url = f"http://127.0.0.1:{admin_port}"
     path = directory / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     log_path = directory / "gateway.log"
@@ -264,7 +286,7 @@ async def serve_gateway(
                 assert proc.poll() is None, log_path.read_text()
                 assert time.monotonic() < deadline, "gateway serve did not become healthy"
                 await asyncio.sleep(0.05)
-        yield Served(proc, url, path, log_path)
+        yield Served(proc, url, path, log_path, admin_url)
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.support import (
+    ADMIN_TOKEN,
     CALLER_KEY,
     UPSTREAM_KEYS,
     Fake,
@@ -52,6 +53,7 @@ def test_check_config_accepts_the_shipped_configs() -> None:
         "OPENAI_KEY_2": "b",
         "ANTHROPIC_KEY_1": "c",
         "ANTHROPIC_ORG_B_KEY": "d",
+        "GATEWAY_ADMIN_TOKEN": "e" * 24,
     }
     example = run_cli("check-config", "config/gateway.example.yaml", env=keys)
     assert example.returncode == 0, example.stderr
@@ -145,6 +147,8 @@ def test_check_config_warns_about_inline_secrets_and_still_passes(tmp_path: Path
         f"gateway: warning: {path}:{line('sk-ant-test')}: providers.an.keys[0].secret: "
         "secret written inline (use ${ENV_VAR})",
         f"gateway: warning: {path}:{line('jwt-inline')}: auth.jwt.secret: "
+        "secret written inline (use ${ENV_VAR})",
+        f"gateway: warning: {path}:{line(ADMIN_TOKEN)}: admin.token: "
         "secret written inline (use ${ENV_VAR})",
         f"gateway: warning: {path}:{line('redis_url')}: state.redis_url: "
         "password written inline in the URL (use ${ENV_VAR})",
@@ -339,6 +343,7 @@ async def _wait_for(served: Served, event: str, count: int = 1, timeout: float =
 async def test_serve_logs_inline_secrets_by_key_path_never_the_value(served: Served) -> None:
     warnings = _events(served, "config warning")
     assert sorted(w["key_path"] for w in warnings) == [
+        "admin.token",
         "providers.an.keys[0].secret",
         "providers.oa.keys[0].secret",
         "providers.oa.keys[1].secret",
@@ -348,9 +353,10 @@ async def test_serve_logs_inline_secrets_by_key_path_never_the_value(served: Ser
         assert w["level"] == "warning"
         assert w["file"] == str(served.config)
         assert w["problem"] == "secret written inline (use ${ENV_VAR})"
-        assert text.splitlines()[w["line"] - 1].strip().startswith("secret:")
+        field = "token:" if w["key_path"] == "admin.token" else "secret:"
+        assert text.splitlines()[w["line"] - 1].strip().startswith(field)
     log = (served.config.parent / "gateway.log").read_text()
-    for secret in UPSTREAM_KEYS:
+    for secret in (*UPSTREAM_KEYS, ADMIN_TOKEN):
         assert secret not in log
 
 

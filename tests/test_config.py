@@ -900,6 +900,7 @@ EXAMPLE_ENV = {
     "OPENAI_KEY_2": "sk-example-openai-2",
     "ANTHROPIC_KEY_1": "sk-ant-example-1",
     "ANTHROPIC_ORG_B_KEY": "sk-ant-example-org-b",
+    "GATEWAY_ADMIN_TOKEN": "example-admin-token-0123456789",
 }
 
 
@@ -918,9 +919,9 @@ def test_example_config_names_the_first_missing_variable() -> None:
     path = CONFIG_DIR / "gateway.example.yaml"
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
-    line = line_of(path.read_text(encoding="utf-8"), "${OPENAI_KEY_1}")
+    line = line_of(path.read_text(encoding="utf-8"), "${GATEWAY_ADMIN_TOKEN}")
     assert str(info.value) == (
-        f"{path}:{line}: environment variable OPENAI_KEY_1 is not set (and has no default)"
+        f"{path}:{line}: environment variable GATEWAY_ADMIN_TOKEN is not set (and has no default)"
     )
 
 

@@ -62,6 +62,7 @@ EXPECTED: dict[Kind, tuple[str, str | None, str]] = {
     Kind.UPSTREAM_CREDENTIALS: ("server_error", "upstream_credentials", "api_error"),
     Kind.OVERLOADED: ("server_error", "overloaded", "overloaded_error"),
     Kind.LIMITER_UNAVAILABLE: ("server_error", "rate_limiter_unavailable", "api_error"),
+    Kind.CANCELLED_BY_OPERATOR: ("server_error", "cancelled_by_operator", "api_error"),
     Kind.INTERNAL: ("server_error", None, "api_error"),
 }
 

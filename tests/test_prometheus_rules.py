@@ -1,6 +1,7 @@
 """deploy/prometheus: promtool accepts the scrape config and the alerting rules, the rules' unit
-tests pass, and every metric and label the rules (and their tests) use is one that
-gateway.metrics exports, so that renaming a metric or a label breaks this test rather than
+tests pass and cover every alert, and every metric and label the rules (and their tests) use
+is one that gateway.metrics exports (or that Prometheus records itself for each scrape, such
+as `up`), so that renaming a metric, a label or the scrape job breaks this test rather than
 silently muting an alert."""
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ ALERTS_TEST = PROM_DIR / "alerts_test.yml"
 
 # Labels Prometheus attaches to every scraped series (the target's).
 TARGET_LABELS = frozenset({"job", "instance"})
+# Series Prometheus itself records for every scrape of a target, with the target's labels only.
+SCRAPE_SERIES = frozenset(
+    {
+        "up",
+        "scrape_duration_seconds",
+        "scrape_samples_scraped",
+        "scrape_samples_post_metric_relabeling",
+        "scrape_series_added",
+    }
+)
 # Series each metric type exposes (prometheus_client adds `_total` to counters' names).
 SUFFIXES = {
     "counter": ("_total", "_created"),
@@ -85,6 +96,12 @@ def exported_series() -> dict[str, frozenset[str]]:
             extra = {"le"} if suffix == "_bucket" else set()
             series[family.name + suffix] = labels.get(family.name, frozenset()) | extra
     return series
+
+
+def queryable_series() -> dict[str, frozenset[str]]:
+    """What a query of the gateway's job can select: its exported series and the scrape's own
+    (whose labels are the target labels every series has anyway)."""
+    return exported_series() | dict.fromkeys(SCRAPE_SERIES, frozenset[str]())
 
 
 @dataclass(frozen=True)
@@ -195,7 +212,7 @@ def test_the_query_reader_finds_metrics_and_labels() -> None:
 
 
 def test_every_metric_the_rules_use_is_exported() -> None:
-    exported = exported_series()
+    exported = queryable_series()
     for name, rule in alerting_rules().items():
         query = parse_query(rule["expr"])
         assert query.selectors, f"{name}: no metric found in its expr"
@@ -204,7 +221,7 @@ def test_every_metric_the_rules_use_is_exported() -> None:
 
 
 def test_every_label_the_rules_use_is_exported() -> None:
-    exported = exported_series()
+    exported = queryable_series()
     for name, rule in alerting_rules().items():
         query = parse_query(rule["expr"])
         available: set[str] = set(TARGET_LABELS)
@@ -222,7 +239,7 @@ def test_every_label_the_rules_use_is_exported() -> None:
 
 
 def test_the_unit_tests_feed_series_the_gateway_exports() -> None:
-    exported = exported_series()
+    exported = queryable_series()
     tests = yaml.safe_load(ALERTS_TEST.read_text())["tests"]
     series = [s["series"] for test in tests for s in test["input_series"]]
     assert series
@@ -249,6 +266,7 @@ def test_error_rate_alert_counts_exactly_the_error_outcomes() -> None:
 def test_every_alert_says_how_urgent_it_is_and_what_to_do() -> None:
     rules = alerting_rules()
     assert {
+        "GatewayDown",
         "LLMGatewayHighTTFT",
         "LLMGatewayHighErrorRate",
         "LLMGatewayUpstreamKeyDisabled",
@@ -259,3 +277,32 @@ def test_every_alert_says_how_urgent_it_is_and_what_to_do() -> None:
         assert rule.get("labels", {}).get("severity") in {"warning", "critical"}, name
         annotations = rule.get("annotations", {})
         assert annotations.get("summary") and annotations.get("description"), name
+
+
+def test_every_alert_has_a_unit_test() -> None:
+    tests = yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+    tested = {case["alertname"] for test in tests for case in test.get("alert_rule_test", ())}
+    untested = alerting_rules().keys() - tested
+    assert not untested, f"alerts_test.yml never evaluates {sorted(untested)}"
+    # And each is shown firing at least once, not only staying quiet.
+    firing = {
+        case["alertname"]
+        for test in tests
+        for case in test.get("alert_rule_test", ())
+        if case.get("exp_alerts")
+    }
+    assert not alerting_rules().keys() - firing, sorted(alerting_rules().keys() - firing)
+
+
+def test_the_rules_select_the_job_prometheus_scrapes() -> None:
+    # A `job` matcher naming a job the scrape config does not have matches nothing, ever:
+    # GatewayDown (`up{job=...} == 0`) would stay silent while every gateway is down.
+    jobs = {job["job_name"] for job in yaml.safe_load(CONFIG.read_text())["scrape_configs"]}
+    for name, rule in alerting_rules().items():
+        for selector in parse_query(rule["expr"]).selectors:
+            for label, op, value in selector.matchers:
+                if label == "job":
+                    assert (op, value) in {("=", job) for job in jobs}, f"{name}: job {value!r}"
+    gateway_down = parse_query(alerting_rules()["GatewayDown"]["expr"])
+    assert [s.metric for s in gateway_down.selectors] == ["up"]
+    assert ("job", "=", "llm-gateway") in gateway_down.selectors[0].matchers

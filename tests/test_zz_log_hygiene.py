@@ -319,6 +319,11 @@ async def test_served_process_logs_hold_no_secret_or_prompt(served: Served) -> N
         if b"config reload rejected" in served.log.read_bytes():
             break
         await asyncio.sleep(0.05)
+    # Every answer of the admin listener after that workload (a stream open and cancelled,
+    # the rejected reload on /status): no secret, no caller key, no prompt either.
+    answers = await admin_answers(served, work)
+    assert "weight" in answers  # /status shows the rejection
+    assert_clean(answers, work.secrets(), "admin listener")
     served.proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(served.proc.wait, 15) == 0
 
@@ -330,6 +335,49 @@ async def test_served_process_logs_hold_no_secret_or_prompt(served: Served) -> N
     assert {"upstream key disabled", "stream killed", "gateway starting"} <= {
         line["event"] for line in lines
     }
+
+
+async def admin_answers(served: Served, work: Workload) -> str:
+    """The text of every admin endpoint's answer, with and without the token, while one of
+    the workload's streams is open (it shows in /admin/streams, then is cancelled)."""
+    texts: list[str] = []
+    headers = served.admin_headers
+    async with aiohttp.ClientSession() as session:
+        body = work.chat()
+        work.sent += 1
+        async with session.post(
+            served.url + "/v1/chat/completions",
+            data=body,
+            headers={
+                "authorization": f"Bearer {CALLER_KEY}",
+                "content-type": "application/json",
+                "x-fake-chunks": "200",
+                "x-fake-gap-ms": "20",
+            },
+        ) as stream:
+            assert stream.status == 200
+            await stream.content.readany()
+            stream_id = stream.headers["x-gateway-stream-id"]
+            for path in (
+                "/metrics",
+                "/healthz",
+                "/readyz",
+                "/admin/keys",
+                "/admin/streams",
+                "/admin/limits/test-app",
+                "/status",
+                "/status/data",
+            ):
+                for auth in (headers, {}):
+                    async with session.get(served.admin_url + path, headers=auth) as resp:
+                        texts.append(await resp.text())
+            assert stream_id in "".join(texts)
+            cancel = f"{served.admin_url}/admin/streams/{stream_id}/cancel"
+            async with session.post(cancel, headers=headers) as resp:
+                assert resp.status == 200
+                texts.append(await resp.text())
+            texts.append((await stream.read()).decode())
+    return "\n".join(texts)
 
 
 async def test_access_line_bytes_out_counts_every_byte_sent(

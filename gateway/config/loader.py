@@ -6,6 +6,8 @@ path, never PyYAML's snippet of the line (which can hold an inline secret)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -54,6 +56,7 @@ class LoadedConfig:
 
     config: GatewayConfig
     warnings: tuple[ConfigWarning, ...] = ()
+    digest: str = ""  # sha256 of the text parsed ("sha256:<hex>")
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -81,7 +84,13 @@ def load_config_checked(path: str | Path, env: Mapping[str, str] | None = None) 
         raise ConfigError(f"{p}: cannot read: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not UTF-8") from exc
-    return load_config_text_checked(text, source=str(p), env=env)
+    loaded = load_config_text_checked(text, source=str(p), env=env)
+    return dataclasses.replace(loaded, digest=text_digest(text))
+
+
+def text_digest(text: str) -> str:
+    """The config's identity on /status: sha256 of its UTF-8 text."""
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def load_config_text_checked(
@@ -365,6 +374,8 @@ def _inline_secrets(data: dict[str, Any], builder: _Builder) -> tuple[ConfigWarn
             found.append((("providers", name, "headers", header), _INLINE_HEADER))
     if "secret" in _mapping(_mapping(data.get("auth")).get("jwt")):
         found.append((("auth", "jwt", "secret"), _INLINE_KEY))
+    if "token" in _mapping(data.get("admin")):
+        found.append((("admin", "token"), _INLINE_KEY))
 
     warnings = [
         _warning(builder, path, message)

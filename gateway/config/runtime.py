@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -26,11 +26,14 @@ from gateway.config.schema import (
     TimeoutsConfig,
     TimeoutsOverride,
 )
-from gateway.keypool import KeyHealth, KeyPool, UpstreamKey, fingerprint
+from gateway.keypool import InFlight, KeyHealth, KeyPool, UpstreamKey, fingerprint
 from gateway.limits.base import LimitSpec
 from gateway.providers import WIRE_APIS
 from gateway.providers.base import ApiFamily
 from gateway.state import HealthStore, MemoryHealthStore
+
+if TYPE_CHECKING:
+    from gateway.jwtauth import JwtVerifier
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +150,14 @@ class Runtime:
     # Key and provider health: passed from runtime to runtime on reload, so a reload does not
     # bring a disabled key back.
     health: HealthStore = field(repr=False)
+    # Keys in flight, by fingerprint: passed from runtime to runtime on reload too, so caps and
+    # least-in-flight count the streams the previous runtime still serves.
+    in_flight: InFlight = field(repr=False)
     # Every upstream secret, longest first: scrubbed from any upstream body passed to a caller.
     secrets: tuple[bytes, ...] = field(repr=False)
+    # The JWT verifier of `config.auth.jwt` (None without JWT), put in by the application
+    # before this runtime serves: a reload swaps it together with everything else.
+    jwt: JwtVerifier | None = field(default=None, repr=False, compare=False)
 
     def models_for(self, caller: Caller) -> list[Route]:
         return [r for name, r in self.routes.items() if caller.may_use(name)]
@@ -181,11 +190,18 @@ def _retry(model: str, base: RetryConfig, override: RetryOverride) -> RetryPolic
     )
 
 
-def build_runtime(config: GatewayConfig, health: HealthStore | None = None) -> Runtime:
+def build_runtime(
+    config: GatewayConfig,
+    health: HealthStore | None = None,
+    in_flight: InFlight | None = None,
+) -> Runtime:
     """Compile a validated config. Raises ConfigError naming the entry that does not hang
-    together (an unknown provider, mixed wire APIs in one model, ...)."""
+    together (an unknown provider, mixed wire APIs in one model, ...). A reload passes the
+    running runtime's `health` and `in_flight`."""
     if health is None:
         health = MemoryHealthStore()
+    if in_flight is None:
+        in_flight = InFlight()
     providers: dict[str, ProviderSpec] = {}
     pools: dict[str, KeyPool] = {}
     secrets: set[bytes] = set()
@@ -237,6 +253,7 @@ def build_runtime(config: GatewayConfig, health: HealthStore | None = None) -> R
             p.key_strategy,
             p.max_concurrent_per_key,
             health=health,
+            in_flight=in_flight,
             policy=KeyHealth(
                 cooldown_s=p.cooldown_s,
                 disable_s=p.disable_s,
@@ -247,6 +264,9 @@ def build_runtime(config: GatewayConfig, health: HealthStore | None = None) -> R
             ),
         )
 
+    if config.admin is not None:
+        # Never expected upstream, but if an upstream ever echoed it, no caller would see it.
+        secrets.add(config.admin.token.get_secret_value().encode())
     routes: dict[str, Route] = {}
     for model_name, m in config.models.items():
         deployments = []
@@ -320,5 +340,6 @@ def build_runtime(config: GatewayConfig, health: HealthStore | None = None) -> R
         providers=MappingProxyType(providers),
         pools=MappingProxyType(pools),
         health=health,
+        in_flight=in_flight,
         secrets=tuple(sorted(secrets, key=len, reverse=True)),
     )

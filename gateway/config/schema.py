@@ -83,6 +83,9 @@ class ServerConfig(_Strict):
     # Request-body bytes held by all requests being read at once; past it, readers wait
     # (within body_timeout_s) for others to finish.
     max_body_bytes_in_flight: int = Field(512 * 1024 * 1024, ge=1024 * 1024, le=64 * 1024**3)
+    # Reload when the file on disk changes (checked every watch_interval_s), as on SIGHUP.
+    watch_config: bool = False
+    watch_interval_s: float = Field(2, ge=0.1, le=3600)
 
     @model_validator(mode="after")
     def _budget_fits_one_body(self) -> ServerConfig:
@@ -372,8 +375,26 @@ class StateConfig(_Strict):
     key_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9:_.-]{1,64}$")] = "llmgw"
 
 
+class AdminConfig(_Strict):
+    """The admin listener: /metrics, /healthz, /readyz, /admin/*, /status. Not reloadable."""
+
+    host: str = "127.0.0.1"  # loopback only unless said otherwise
+    port: int = Field(ge=0, le=65535)
+    # Required for /admin/* and /status (and accepted on /metrics); at least 16 characters.
+    token: SecretStr
+
+    @field_validator("token")
+    @classmethod
+    def _token_long_enough(cls, value: SecretStr) -> SecretStr:
+        token = value.get_secret_value()
+        if len(token) < 16 or len(token) > 4096 or not token.isprintable() or " " in token:
+            raise ValueError("must be 16 to 4096 printable characters without spaces")
+        return value
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
+    admin: AdminConfig | None = None  # absent: no admin listener
     state: StateConfig = StateConfig()
     auth: AuthConfig = AuthConfig()
     tiers: dict[Identifier, TierConfig] = Field(default_factory=dict)

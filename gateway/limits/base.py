@@ -75,6 +75,16 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class Standing:
+    """A subject's standing under its limits, charging nothing: one `Usage` per limit set
+    (for the concurrency limits, `limit - remaining` are open now)."""
+
+    usage: tuple[Usage, ...]
+    backend: str
+    degraded: bool = False  # read from the local fallback (the shared backend is down)
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
     denied_by: str | None = None  # "rpm" | "tpm" | "concurrency" | "requests" when denied
@@ -114,5 +124,9 @@ class Limiter(Protocol):
 
     async def release(self, lease: Lease) -> None:
         """Free every slot `lease` holds (idempotent). Does not raise for a backend failure."""
+
+    async def peek(self, subject: str, spec: LimitSpec) -> Standing:
+        """What `subject` has left of each limit of `spec` now, charging nothing (the admin
+        listener's view). Does not raise for a backend failure (`degraded` says so)."""
 
     async def close(self) -> None: ...

@@ -6,7 +6,7 @@ import itertools
 import time
 from collections.abc import Callable
 
-from gateway.limits.base import PERIOD_S, Decision, Lease, LimitSpec, Usage
+from gateway.limits.base import PERIOD_S, Decision, Lease, LimitSpec, Standing, Usage
 from gateway.limits.gcra import adjust, gcra
 
 
@@ -118,6 +118,26 @@ class MemoryLimiter:
                 held.pop(lease.lease_id, None)
                 if not held:
                     del self._leases[key]
+
+    async def peek(self, subject: str, spec: LimitSpec) -> Standing:
+        return Standing(self.peek_now(subject, spec), self.name)
+
+    def peek_now(self, subject: str, spec: LimitSpec) -> tuple[Usage, ...]:
+        """`peek`'s figures, without awaiting."""
+        now = self._clock()
+        usage = []
+        for name, limit in (("rpm", spec.requests_per_minute), ("tpm", spec.tokens_per_minute)):
+            if limit is not None:
+                probe = gcra(self._tat.get(f"{subject}\x00{name}"), now, limit, PERIOD_S, 0)
+                usage.append(Usage(name, limit, probe.remaining, probe.reset_after))
+        for name, limit, kind in (
+            ("concurrency", spec.concurrent_streams, "streams"),
+            ("requests", spec.concurrent_requests, "requests"),
+        ):
+            if limit is not None:
+                held = self.open_leases(subject, kind)
+                usage.append(Usage(name, limit, max(0, limit - held), 0.0))
+        return tuple(usage)
 
     def open_leases(self, subject: str, kind: str = "streams") -> int:
         """Unexpired slots `subject` holds of one kind ("streams" or "requests")."""

@@ -48,6 +48,7 @@ from gateway.limits.base import (
     Lease,
     LimiterUnavailable,
     LimitSpec,
+    Standing,
     Usage,
 )
 from gateway.limits.memory import MemoryLimiter
@@ -178,6 +179,20 @@ end
 return n
 """
 
+# KEYS: rpm, tpm, concurrent streams, concurrent requests (as _ADMIT).  Reads, charges nothing.
+# Returns: now ms, rpm TAT ms, tpm TAT ms (-1 = none), open streams, open requests.
+_PEEK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local out = {math.floor(now), -1, -1, 0, 0}
+for i = 1, 2 do
+  local tat = tonumber(redis.call('GET', KEYS[i]))
+  if tat ~= nil then out[1 + i] = math.ceil(tat) end
+  out[3 + i] = redis.call('ZCOUNT', KEYS[2 + i], '(' .. now, '+inf')
+end
+return out
+"""
+
 _NAMES = {1: "rpm", 2: "tpm", 3: "concurrency", 4: "requests"}
 _FAILURES = (RedisError, OSError, TimeoutError)
 _PERIOD_MS = int(PERIOD_S * 1000)
@@ -207,6 +222,7 @@ class _Script:
 _ADMIT_SCRIPT = _Script.of(_ADMIT)
 _SETTLE_SCRIPT = _Script.of(_SETTLE)
 _RENEW_SCRIPT = _Script.of(_RENEW)
+_PEEK_SCRIPT = _Script.of(_PEEK)
 
 
 def redis_client(url: str, socket_timeout_s: float) -> aioredis.Redis:
@@ -562,6 +578,32 @@ class RedisLimiter:
                 if failure is not None:
                     self._failed(failure, "renew")
                     break
+
+    async def peek(self, subject: str, spec: LimitSpec) -> Standing:
+        try:
+            out = await self._batcher.call(_PEEK_SCRIPT, (4, *self._keys(subject)))
+        except _FAILURES as exc:
+            self._failed(exc, "peek")
+            local = self._fallback.peek_now(subject, spec.scaled(self._instances))
+            return Standing(local, "fallback", degraded=True)
+        now, rpm_tat, tpm_tat, streams, requests = (int(v) for v in out)
+        usage: list[Usage] = []
+        for name, limit, tat in (
+            ("rpm", spec.requests_per_minute, rpm_tat),
+            ("tpm", spec.tokens_per_minute, tpm_tat),
+        ):
+            if limit is not None:
+                interval = _PERIOD_MS / limit
+                ahead = max(0, tat - now)
+                remaining = max(0, math.floor((_PERIOD_MS - ahead + 0.001) / interval))
+                usage.append(Usage(name, limit, min(limit, remaining), ahead / 1000))
+        for name, limit, held in (
+            ("concurrency", spec.concurrent_streams, streams),
+            ("requests", spec.concurrent_requests, requests),
+        ):
+            if limit is not None:
+                usage.append(Usage(name, limit, max(0, limit - held), 0.0))
+        return Standing(tuple(usage), self.name)
 
     async def ping(self) -> bool:
         try:

@@ -166,6 +166,7 @@ _ERRORS: dict[Kind, str] = {
     Kind.UPSTREAM_CREDENTIALS: "api_error",
     Kind.OVERLOADED: "overloaded_error",
     Kind.LIMITER_UNAVAILABLE: "api_error",
+    Kind.CANCELLED_BY_OPERATOR: "api_error",
     Kind.INTERNAL: "api_error",
 }
 

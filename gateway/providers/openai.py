@@ -386,6 +386,7 @@ _ERRORS: dict[Kind, tuple[str, str | None]] = {
     Kind.UPSTREAM_CREDENTIALS: ("server_error", "upstream_credentials"),
     Kind.OVERLOADED: ("server_error", "overloaded"),
     Kind.LIMITER_UNAVAILABLE: ("server_error", "rate_limiter_unavailable"),
+    Kind.CANCELLED_BY_OPERATOR: ("server_error", "cancelled_by_operator"),
     Kind.INTERNAL: ("server_error", None),
 }
 # Streams whose usage chunk the gateway may ask for (Responses always carries usage).

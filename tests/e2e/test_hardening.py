@@ -73,7 +73,7 @@ async def access_lines(gw: Served, n: int) -> list[dict[str, Any]]:
 
 
 async def scrape(gw: Served) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as resp:
+    async with aiohttp.ClientSession() as session, session.get(gw.admin_url + "/metrics") as resp:
         text = await resp.text()
     return {f.name: f for f in text_string_to_metric_families(text)}
 

@@ -127,7 +127,9 @@ class Workload:
 
 
 async def scrape(gw: Gateway) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as resp:
+    """The admin listener's /metrics (the public port has none)."""
+    url = gw.admin_url + "/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
         assert resp.status == 200
         assert resp.headers["content-type"].startswith("text/plain")
         text = await resp.text()
@@ -352,5 +354,24 @@ async def test_time_per_output_chunk_of_a_burst_stream(
 
 async def test_prometheus_off_means_no_metrics_route(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory({"telemetry": {"prometheus": False}})
-    async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as resp:
-        assert resp.status == 404
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.admin_url + "/metrics") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "not_found"
+        async with session.get(gw.url + "/metrics") as resp:
+            assert resp.status == 404
+
+
+async def test_the_public_port_serves_no_metrics(gateway: Gateway) -> None:
+    """/metrics names every upstream key id and its state: only the admin listener has it
+    (open there, and with the admin token too, for Prometheus set up either way)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.url + "/metrics") as resp:
+            assert resp.status == 404
+            assert "oa-1" not in await resp.text()
+        async with session.get(gateway.admin_url + "/metrics") as resp:
+            assert resp.status == 200
+            assert 'key_id="oa-1"' in await resp.text()
+        headers = gateway.admin_headers
+        async with session.get(gateway.admin_url + "/metrics", headers=headers) as resp:
+            assert resp.status == 200
