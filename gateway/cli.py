@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway.config import ConfigError, build_runtime
 from gateway.config.loader import load_config_checked
+from gateway.config.schema import GatewayConfig
 from gateway.logs import configure_logging, get_logger
 
 
@@ -36,7 +37,11 @@ def _supervise(args: argparse.Namespace, workers: int) -> int:
         argv += ["--port", str(args.port)]
     if args.no_uvloop:
         argv.append("--no-uvloop")
-    children = [subprocess.Popen(argv) for _ in range(workers)]  # noqa: S603  (our own CLI)
+    # Worker k's admin listener (if any) is on admin.port + k: each is scraped on its own.
+    children = [
+        subprocess.Popen([*argv, "--worker-index", str(k)])  # noqa: S603  (our own CLI)
+        for k in range(workers)
+    ]
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
@@ -47,6 +52,14 @@ def _supervise(args: argparse.Namespace, workers: int) -> int:
         signal.signal(signum, forward)
     codes = [child.wait() for child in children]
     return max(codes, default=0)
+
+
+def _for_this_worker(config: GatewayConfig, index: int) -> GatewayConfig:
+    """Worker `index` of `server.workers` listens for admin on `admin.port + index`."""
+    if not index or config.admin is None or not config.admin.port:
+        return config
+    admin = config.admin.model_copy(update={"port": config.admin.port + index})
+    return config.model_copy(update={"admin": admin})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -62,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if config.server.workers > 1 and not args.worker:
             # Each worker builds its own state (connections, Redis clients) after it starts.
             return _supervise(args, config.server.workers)
+        config = _for_this_worker(config, args.worker_index)
         health, limiter = build_state(config)
         runtime = build_runtime(config, health=health)
     except ConfigError as exc:
@@ -79,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         if app[OPS].admin_url:
             log.info("admin listener started", url=app[OPS].admin_url)
-        reloader = Reloader(app, args.config)
+        reloader = Reloader(app, args.config, lambda c: _for_this_worker(c, args.worker_index))
         loop.add_signal_handler(signal.SIGHUP, reloader.trigger, "sighup")
         reloader.start_watching()
         yield
@@ -174,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--no-uvloop", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file and exit")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -26,6 +27,7 @@ from gateway.appkeys import OPS, RUNTIME
 from gateway.config import ConfigError, build_runtime
 from gateway.config.loader import ConfigWarning, load_config_checked
 from gateway.config.runtime import Runtime
+from gateway.config.schema import GatewayConfig
 from gateway.logs import get_logger
 from gateway.ops import ReloadResult, restart_required
 from gateway.tasks import Tasks
@@ -43,9 +45,17 @@ def log_config_warnings(warnings: tuple[ConfigWarning, ...]) -> None:
 class Reloader:
     """Reloads `path` into `app` on demand (`trigger`) and, when the config asks, on change."""
 
-    def __init__(self, app: web.Application, path: str) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        path: str,
+        adjust: Callable[[GatewayConfig], GatewayConfig] | None = None,
+    ) -> None:
+        """`adjust`: what this process changes in every config it loads (a worker's admin
+        port), applied to each reload as at start."""
         self.app = app
         self.path = path
+        self._adjust = adjust
         self._tasks = Tasks("config-reload")
         self._one_at_a_time = asyncio.Lock()
         self._latest = 0
@@ -106,7 +116,8 @@ class Reloader:
     def _load(self, old: Runtime) -> tuple[Runtime, tuple[ConfigWarning, ...], str]:
         # In a worker thread: reading, parsing and compiling a large file takes seconds.
         fresh = load_config_checked(self.path)
-        runtime = build_runtime(fresh.config, health=old.health, in_flight=old.in_flight)
+        config = self._adjust(fresh.config) if self._adjust is not None else fresh.config
+        runtime = build_runtime(config, health=old.health, in_flight=old.in_flight)
         return runtime, fresh.warnings, fresh.digest
 
     def _rejected(self, why: str, error: str) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -283,8 +284,12 @@ async def test_sighup_swaps_the_jwt_settings(served: Served) -> None:
 
 async def test_workers_share_the_port_and_drain_together(fake: Fake, tmp_path: Path) -> None:
     port = free_port()
+    admin_port = free_port()
+    while free_port_is_taken(admin_port + 1):
+        admin_port = free_port()
     config = base_config(fake.url)
     config["server"].update(port=port, workers=2, drain_timeout_s=5)
+    config["admin"]["port"] = admin_port  # worker k: admin_port + k
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     log = (tmp_path / "workers.log").open("wb")
@@ -311,6 +316,13 @@ async def test_workers_share_the_port_and_drain_together(fake: Fake, tmp_path: P
             await asyncio.sleep(0.02)
         assert len(pids) == 2, (tmp_path / "workers.log").read_text()
         assert proc.pid not in pids  # the supervisor serves nothing itself
+        # Each worker has its own admin listener (its own metrics and streams), one port each.
+        admin_pids = set()
+        async with aiohttp.ClientSession() as session:
+            for k in (0, 1):
+                async with session.get(f"http://127.0.0.1:{admin_port + k}/healthz") as resp:
+                    admin_pids.add((await resp.json())["pid"])
+        assert admin_pids == pids
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 15) == 0
         for pid in pids:
@@ -321,6 +333,15 @@ async def test_workers_share_the_port_and_drain_together(fake: Fake, tmp_path: P
             proc.kill()
             proc.wait()
         log.close()
+
+
+def free_port_is_taken(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def _log_lines(served: Served) -> list[dict[str, Any]]:
