@@ -19,6 +19,7 @@ from gateway.appkeys import (
     OPS,
     OUTCOME_SINKS,
     RANDOM,
+    RESUME_STORE,
     RUNTIME,
     TELEMETRY,
     RuntimeHolder,
@@ -33,6 +34,8 @@ from gateway.limits.memory import MemoryLimiter
 from gateway.logs import get_logger
 from gateway.ops import ConfigState, Ops, file_digest
 from gateway.providers import ENDPOINTS
+from gateway.resume.endpoint import resume_handler
+from gateway.resume.store import MemoryStore, ReplayStore
 from gateway.routes import (
     error_middleware,
     health_handler,
@@ -177,6 +180,25 @@ async def retire_jwt(old: Runtime, new: Runtime) -> None:
         await old.jwt.close()
 
 
+def _resume_ctx(config: GatewayConfig) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The resumable-stream store `resume.store` asks for (one per process)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        resume = config.resume
+        store: ReplayStore
+        if resume.store == "redis":
+            from gateway.resume.redis_store import RedisStore  # noqa: PLC0415
+
+            store = RedisStore(config.state.redis_url, prefix=config.state.key_prefix)
+        else:
+            store = MemoryStore(memory_bytes=resume.memory_bytes)
+        app[RESUME_STORE] = store
+        yield
+        await store.close()
+
+    return ctx
+
+
 async def _draining(app: web.Application) -> None:
     # Shutdown has begun (the listener is closed; open requests drain): not ready any more.
     app[OPS].draining = True
@@ -220,6 +242,7 @@ def create_app(
         app.cleanup_ctx.append(admin_ctx(admin))
     # Order matters: the HTTP client first (the JWKS fetch uses it), torn down last.
     app.cleanup_ctx.append(_client_ctx(runtime, tel.enabled))
+    app.cleanup_ctx.append(_resume_ctx(runtime.config))
     app.cleanup_ctx.append(_limiter_ctx(app[LIMITER]))
     app.cleanup_ctx.append(_jwt_ctx)
     app.cleanup_ctx.append(_health_ctx)
@@ -230,6 +253,7 @@ def create_app(
     app.router.add_get("/v1/models", models_handler)
     app.router.add_get("/v1/models/{model_id}", model_handler)
     app.router.add_get("/healthz", health_handler)
+    app.router.add_get("/v1/streams/{stream_id}", resume_handler)
     return app
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.config.runtime import Runtime
 from gateway.limits.base import Limiter
 from gateway.ops import Ops
+from gateway.resume.store import ReplayStore
 from gateway.sinks import Sink
 from gateway.telemetry import Telemetry
 
@@ -35,3 +36,5 @@ RANDOM = web.AppKey("random", random.Random)
 OUTCOME_SINKS = web.AppKey("outcome_sinks", list[Sink])
 # Open streams, the per-model window, the config's state, draining (the admin listener reads it).
 OPS = web.AppKey("ops", Ops)
+# Where resumable streams' bytes are kept (built once per process from `resume.store`).
+RESUME_STORE = web.AppKey("resume_store", ReplayStore)

@@ -32,6 +32,9 @@ class Kind(enum.Enum):
     OVERLOADED = "overloaded"
     LIMITER_UNAVAILABLE = "limiter_unavailable"
     CANCELLED_BY_OPERATOR = "cancelled_by_operator"  # a stream ended from the admin listener
+    STREAM_NOT_FOUND = "stream_not_found"  # no resumable stream with that id for this caller
+    GONE = "gone"  # a resumable stream that can no longer be resumed (410)
+    RANGE = "range"  # a resume offset past the stream's bytes (416)
     INTERNAL = "internal"
 
 

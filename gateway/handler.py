@@ -32,6 +32,7 @@ from gateway.appkeys import (
     OPS,
     OUTCOME_SINKS,
     RANDOM,
+    RESUME_STORE,
     RUNTIME,
     TELEMETRY,
 )
@@ -154,12 +155,28 @@ class Handler:
                 req.parsed.body.clear()
                 response = web.StreamResponse(status=answer.status, headers=answer.headers)
                 self._stamp(response, report)
-                stream_id = new_stream_id()
+                stream_id = report.stream_id = new_stream_id()
                 response.headers[STREAM_ID_HEADER] = stream_id
                 mark_overhead(response, report)
-                streams = request.app[OPS].streams
+                resume = runtime.config.resume
+                recorder = None
+                if resume.enabled:
+                    recorder = request.app[RESUME_STORE].begin(
+                        stream_id,
+                        req.caller.id,
+                        self.endpoint.family.value,
+                        ttl_s=resume.ttl_s,
+                        max_bytes=resume.max_stream_bytes,
+                    )
                 owner = StreamOwner(
-                    request, answer, req, report, stream_id=stream_id, streams=streams
+                    request,
+                    answer,
+                    req,
+                    report,
+                    stream_id=stream_id,
+                    streams=request.app[OPS].streams,
+                    recorder=recorder,
+                    inject_ids=resume.enabled and resume.inject_ids,
                 )
                 keepalive_s = runtime.server.keepalive_comment_s
                 await owner.deliver(response, request.app[TELEMETRY], keepalive_s)

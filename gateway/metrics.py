@@ -113,6 +113,12 @@ class Metrics:
             ("gen_ai_provider_name", "key_id"),
             registry=r,
         )
+        self.stream_resumes = Counter(
+            "llm_gateway_stream_resumes",
+            "Reattaches to resumable streams by result (ok | not_found | gone | range).",
+            ("result",),
+            registry=r,
+        )
         self.limiter_decisions = Counter(
             "llm_gateway_limiter_decisions",
             "Limit decisions by backend (memory | redis | fallback = taken without Redis), "

@@ -259,6 +259,8 @@ _RESTART_ONLY = (
     ("server", "max_upstream_connections"),
     ("state",),
     ("admin",),
+    ("resume", "store"),
+    ("resume", "memory_bytes"),
     ("telemetry",),
     # Header lines are bounded when the listener starts (a larger token needs a restart).
     ("auth", "jwt", "max_token_bytes"),
@@ -266,19 +268,18 @@ _RESTART_ONLY = (
 
 
 def restart_required(old: Runtime, new: Runtime) -> tuple[str, ...]:
-    """The dotted keys whose new value only a restart applies (the reload applies the rest)."""
-    before = old.config.model_dump()
-    after = new.config.model_dump()
-    changed = []
-    for path in _RESTART_ONLY:
-        a: Any = before
-        b: Any = after
+    """The dotted keys whose new value only a restart applies (the reload applies the rest).
+    Compares those sections only (a config's models and keys can be megabytes)."""
+
+    def at(config: object, path: tuple[str, ...]) -> object:
+        value: object = config
         for part in path:
-            a = a.get(part) if isinstance(a, dict) else None
-            b = b.get(part) if isinstance(b, dict) else None
-        if a != b:
-            changed.append(".".join(path))
-    return tuple(changed)
+            value = getattr(value, part, None)
+        return value
+
+    return tuple(
+        ".".join(path) for path in _RESTART_ONLY if at(old.config, path) != at(new.config, path)
+    )
 
 
 @dataclass(slots=True)

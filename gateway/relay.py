@@ -33,6 +33,8 @@ from gateway.providers import WIRE_APIS
 from gateway.providers.base import Stripper
 from gateway.render import terminal_event
 from gateway.report import Outcome, Report
+from gateway.resume.ids import IdInjector
+from gateway.resume.store import Recorder
 from gateway.sse import SSEError
 from gateway.telemetry import Telemetry
 from gateway.upstream import OpenStream
@@ -198,6 +200,8 @@ class StreamOwner:
         *,
         stream_id: str,
         streams: LiveStreams | None = None,
+        recorder: Recorder | None = None,
+        inject_ids: bool = False,
     ) -> None:
         self.request = request
         self.stream = stream
@@ -213,7 +217,14 @@ class StreamOwner:
         self.stripper: Stripper | None = (
             WIRE_APIS[req.endpoint.family].usage_stripper() if req.parsed.inject_usage else None
         )
-        self.out = 0  # bytes written to the client
+        self.out = 0  # bytes written to the client (and, once draining, that would have been)
+        # Resumable: every client-visible byte also goes to `recorder`, and a client that goes
+        # away no longer ends the stream: the relay drains the upstream to its end.
+        self.recorder = recorder
+        self.draining = False
+        # resume.inject_ids: `id: <offset>` in each event (EventSource clients reconnect).
+        self.injector = IdInjector() if inject_ids else None
+        self._sent = 0  # bytes the client got before it went away (while draining)
         self._seen_first = False  # the first token has passed (quiet chunks are only counted)
         self._tail = b""  # the last bytes of the previous read (markers split over two reads)
         self._hot = False  # an event that matters may be completing: show the next events
@@ -242,7 +253,11 @@ class StreamOwner:
                     streams.remove(self.stream_id)
         finally:
             self.stream.response.close()
-            report.bytes_out = self.out  # also when the client's leaving cancels the relay
+            # Also when the client's leaving cancels the relay.
+            report.bytes_out = self._sent if self.draining else self.out
+            if self.recorder is not None:
+                self.recorder.end()
+                report.drained = self.draining
         report.streamed(end)
         return end
 
@@ -268,11 +283,16 @@ class StreamOwner:
         """The held first event (already scrubbed); False when the client is gone."""
         stream, report = self.stream, self.report
         first = stream.held if self.stripper is None else self.stripper.feed(stream.held)
+        if self.injector is not None:
+            first = self.injector.feed(first)
+        if self.recorder is not None:
+            self.recorder.append(first)
         try:
             if first:
                 await response.write(first)
         except ConnectionResetError:
-            return False
+            if not self._start_draining(None):
+                return False
         self.out = len(first)
         report.timings.first_byte_sent = time.perf_counter()
         if stream.facts.first_token_at is not None:
@@ -285,14 +305,13 @@ class StreamOwner:
         by the caller), a watchdog fires, the upstream breaks, or the client goes away."""
         task = asyncio.current_task()
         assert task is not None
-        decoder = self.stream.decoder
         timeouts = self.req.route.timeouts
         watchdog = _Watchdog(
             task,
             timeouts.chunk_s,
             self.report.started + timeouts.total_s,
             keepalive_s,
-            lambda: self.observing and decoder.at_boundary,
+            self._at_boundary,
         )
         self._watchdog = watchdog
         try:
@@ -307,6 +326,9 @@ class StreamOwner:
         content, write = self.stream.response.content, response.write
         stripper, observe = self.stripper, self._observe
         direct = _Direct.of(self.request, response) if self.out else None
+        record = self.recorder.append if self.recorder is not None else None
+        injector = self.injector
+        draining = self.draining
         clock = time.perf_counter
         now = clock()
         resumed = False  # back from a keep-alive: the upstream's silence goes on
@@ -321,15 +343,21 @@ class StreamOwner:
                     visible = chunk
                 else:
                     visible = stripper.feed(chunk) if chunk else stripper.flush()
+                if injector is not None:
+                    visible = injector.feed(visible) if chunk else visible + injector.flush()
+                if record is not None:
+                    record(visible)
                 try:
-                    if not visible:
+                    if not visible or draining:
                         pass
                     elif direct is None:
                         await write(visible)
                     elif direct.send(visible):
                         await direct.drain()  # the client is slow: so is the upstream read
                 except ConnectionResetError:
-                    return Outcome.CLIENT_CANCEL
+                    if not self._start_draining(None):
+                        return Outcome.CLIENT_CANCEL
+                    draining = True
                 if not chunk:
                     return Outcome.OK
                 self.out += len(visible)  # read live by /admin/streams
@@ -341,13 +369,30 @@ class StreamOwner:
                     return self._stop
             except asyncio.CancelledError:
                 if not watchdog.claim():
-                    raise  # not the watchdog's: the client went away
+                    # Not the watchdog's: the client went away. A resumable stream goes on.
+                    if not self._start_draining(asyncio.current_task()):
+                        raise
+                    draining = True
+                    continue
                 fired = await self._interrupted(watchdog, write)
                 if fired is not None:
                     return fired
                 resumed = True
             except (aiohttp.ClientError, OSError):
                 return Outcome.PAYLOAD_ERROR
+
+    def _start_draining(self, task: asyncio.Task[object] | None) -> bool:
+        """The client went away: with a recorder (resume on), keep reading the upstream to
+        its end without writing (True); otherwise the stream ends (False). A second
+        cancellation while draining (shutdown) is not absorbed."""
+        if self.recorder is None or self.draining:
+            return False
+        if task is not None:
+            task.uncancel()
+        self.draining = True
+        self._sent = self.out
+        self.report.span.add_event("gateway.client_gone_draining")
+        return True
 
     def stop(self, outcome: Outcome) -> bool:
         """End this stream with `outcome` (its terminal error event, the upstream closed) at
@@ -363,7 +408,15 @@ class StreamOwner:
 
     def _at_boundary(self) -> bool:
         """Between two events (False when the stream is not followed as SSE: never known)."""
-        return self.observing and self.stream.decoder.at_boundary
+        injector = self.injector
+        return (
+            self.observing
+            and self.stream.decoder.at_boundary
+            and (injector is None or injector.at_boundary)
+        )
+
+    def _with_id(self, event: bytes) -> bytes:
+        return event if self.injector is None else self.injector.feed(event)
 
     def live_events(self) -> int:
         return self.stream.facts.events
@@ -426,6 +479,13 @@ class StreamOwner:
         fired = watchdog.fired
         if fired is not None:
             return fired
+        if self.draining:  # nobody to keep alive
+            watchdog.resume()
+            return None
+        if self.recorder is not None:
+            self.recorder.append(_KEEPALIVE)
+        if self.injector is not None:
+            self.injector.skip(len(_KEEPALIVE))
         if not await self._keepalive(write):
             return Outcome.CLIENT_CANCEL
         watchdog.resume()
@@ -459,12 +519,22 @@ class StreamOwner:
     async def _end(self, response: web.StreamResponse, end: Outcome) -> Outcome:
         """End the stream: cleanly, with the gateway's error event (only at an event
         boundary), or by cutting the connection mid-event."""
+        if self.draining:
+            # Nobody to write to: what the client would have got is recorded for a reattach.
+            self.report.drain_end = end.value
+            if end not in (Outcome.OK, Outcome.UPSTREAM_ERROR) and self._at_boundary():
+                assert self.recorder is not None
+                self.recorder.append(self._with_id(self._error_event(end)))
+            return self._gone()
         if end in (Outcome.OK, Outcome.UPSTREAM_ERROR):
             # An upstream's in-band error already told the client, in the client's format.
             return await self._eof(response, end)
         if self.observing and self.stream.decoder.at_boundary:
+            event = self._with_id(self._error_event(end))
+            if self.recorder is not None:
+                self.recorder.append(event)
             try:
-                await response.write(self._error_event(end))
+                await response.write(event)
             except ConnectionResetError:
                 self.state = State.ABORTED
                 return end

@@ -79,7 +79,7 @@ class Reloader:
         old = app[RUNTIME].current
         started = time.perf_counter()
         try:
-            new, warnings, digest = await asyncio.to_thread(self._load, old)
+            new, warnings, digest, needs_restart = await asyncio.to_thread(self._load, old)
         except ConfigError as exc:
             return self._rejected(why, str(exc))
         except Exception as exc:  # a bug, not a bad file: the old config stays too
@@ -89,7 +89,6 @@ class Reloader:
             new = await with_jwt(app, old, new)
         except ValueError as exc:
             return self._rejected(why, f"auth.jwt: {exc}")
-        needs_restart = restart_required(old, new)
         app[RUNTIME].current = new  # the swap: one assignment
         await retire_jwt(old, new)
         now = time.time()
@@ -113,12 +112,15 @@ class Reloader:
             )
         return True
 
-    def _load(self, old: Runtime) -> tuple[Runtime, tuple[ConfigWarning, ...], str]:
-        # In a worker thread: reading, parsing and compiling a large file takes seconds.
+    def _load(
+        self, old: Runtime
+    ) -> tuple[Runtime, tuple[ConfigWarning, ...], str, tuple[str, ...]]:
+        # In a worker thread: reading, parsing and compiling a large file takes seconds (and
+        # comparing two large configs is not free either).
         fresh = load_config_checked(self.path)
         config = self._adjust(fresh.config) if self._adjust is not None else fresh.config
         runtime = build_runtime(config, health=old.health, in_flight=old.in_flight)
-        return runtime, fresh.warnings, fresh.digest
+        return runtime, fresh.warnings, fresh.digest, restart_required(old, runtime)
 
     def _rejected(self, why: str, error: str) -> bool:
         ops = self.app[OPS]

@@ -155,6 +155,9 @@ class Report:
     facts: StreamFacts | None = None  # of a relayed stream
     overhead_ms: float | None = None
     ended: bool = False  # a committed stream reached its end (whatever the outcome)
+    stream_id: str | None = None  # x-gateway-stream-id of a committed stream
+    drained: bool = False  # resumable: the client left and the upstream was read to its end
+    drain_end: str | None = None  # how the drained upstream ended (an Outcome value)
     timings: Timings = field(default_factory=Timings)
 
     # -- written by the stages ---------------------------------------------------------------

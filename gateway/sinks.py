@@ -145,6 +145,11 @@ def _stream_fields(r: Report) -> dict[str, Any]:
     facts = r.facts
     assert facts is not None
     fields: dict[str, Any] = {"events": facts.events, "bytes_out": r.bytes_out}
+    if r.stream_id is not None:
+        fields["stream_id"] = r.stream_id
+    if r.drained:
+        fields["drained"] = True
+        fields["drain_outcome"] = r.drain_end
     if facts.first_token_at is not None:
         fields["ttft_ms"] = round((facts.first_token_at - r.started) * 1000, 3)
     fields["finish_reason"] = facts.finish_reason

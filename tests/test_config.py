@@ -1084,3 +1084,35 @@ def test_load_config_checked_reads_the_file(tmp_path: Path) -> None:
         f"{path}:{line_of(MINIMAL, SECRET_ONE)}: providers.oa.keys[0].secret: "
         "secret written inline (use ${ENV_VAR})"
     ]
+
+
+def test_resume_is_off_by_default_and_its_values_are_bounded() -> None:
+    resume = load(MINIMAL).resume
+    assert (resume.enabled, resume.store, resume.ttl_s, resume.inject_ids) == (
+        False,
+        "memory",
+        600,
+        False,
+    )
+    assert resume.max_stream_bytes == 4 * 1024 * 1024
+    for bad in (
+        "ttl_s: 0",
+        "max_stream_bytes: 100",
+        "memory_bytes: 1000",
+        "store: disk",
+        "enabled: maybe",
+        "replay: true",
+    ):
+        message = error_of(MINIMAL + f"resume:\n  {bad}\n")
+        assert "test.yaml:11: " in message and "resume." in message, message
+
+
+def test_admin_needs_a_token_of_16_characters() -> None:
+    assert "admin.token" in error_of(MINIMAL + "admin: {port: 9090, token: short}\n")
+    assert "admin.token" in error_of(MINIMAL + "admin: {port: 9090}\n")
+    assert "admin.token" in error_of(
+        MINIMAL + 'admin: {port: 9090, token: "has a space in it, sadly"}\n'
+    )
+    config = load(MINIMAL + 'admin: {port: 9090, token: "${TOKEN}"}\n', {"TOKEN": "t" * 16})
+    assert config.admin is not None and config.admin.host == "127.0.0.1"
+    assert load(MINIMAL).admin is None

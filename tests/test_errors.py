@@ -63,6 +63,9 @@ EXPECTED: dict[Kind, tuple[str, str | None, str]] = {
     Kind.OVERLOADED: ("server_error", "overloaded", "overloaded_error"),
     Kind.LIMITER_UNAVAILABLE: ("server_error", "rate_limiter_unavailable", "api_error"),
     Kind.CANCELLED_BY_OPERATOR: ("server_error", "cancelled_by_operator", "api_error"),
+    Kind.STREAM_NOT_FOUND: ("invalid_request_error", "stream_not_found", "not_found_error"),
+    Kind.GONE: ("invalid_request_error", "stream_not_resumable", "invalid_request_error"),
+    Kind.RANGE: ("invalid_request_error", "offset_out_of_range", "invalid_request_error"),
     Kind.INTERNAL: ("server_error", None, "api_error"),
 }
 

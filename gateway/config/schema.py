@@ -392,6 +392,17 @@ class AdminConfig(_Strict):
         return value
 
 
+class ResumeConfig(_Strict):
+    """Resumable streams: a dropped client reattaches with GET /v1/streams/{id}?offset=N."""
+
+    enabled: bool = False
+    store: Literal["memory", "redis"] = "memory"  # redis: state.redis_url, any instance serves
+    ttl_s: float = Field(600, gt=0, le=7 * 86400)  # reattachable this long after the end
+    max_stream_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1024**3)  # longer: 410
+    memory_bytes: int = Field(256 * 1024 * 1024, ge=65536, le=64 * 1024**3)  # memory store
+    inject_ids: bool = False  # `id: <offset>` in each event, for EventSource clients
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     admin: AdminConfig | None = None  # absent: no admin listener
@@ -404,3 +415,4 @@ class GatewayConfig(_Strict):
     )
     policy: PolicyConfig = PolicyConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    resume: ResumeConfig = ResumeConfig()

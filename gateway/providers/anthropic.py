@@ -167,6 +167,9 @@ _ERRORS: dict[Kind, str] = {
     Kind.OVERLOADED: "overloaded_error",
     Kind.LIMITER_UNAVAILABLE: "api_error",
     Kind.CANCELLED_BY_OPERATOR: "api_error",
+    Kind.STREAM_NOT_FOUND: "not_found_error",
+    Kind.GONE: "invalid_request_error",
+    Kind.RANGE: "invalid_request_error",
     Kind.INTERNAL: "api_error",
 }
 

@@ -387,6 +387,9 @@ _ERRORS: dict[Kind, tuple[str, str | None]] = {
     Kind.OVERLOADED: ("server_error", "overloaded"),
     Kind.LIMITER_UNAVAILABLE: ("server_error", "rate_limiter_unavailable"),
     Kind.CANCELLED_BY_OPERATOR: ("server_error", "cancelled_by_operator"),
+    Kind.STREAM_NOT_FOUND: ("invalid_request_error", "stream_not_found"),
+    Kind.GONE: ("invalid_request_error", "stream_not_resumable"),
+    Kind.RANGE: ("invalid_request_error", "offset_out_of_range"),
     Kind.INTERNAL: ("server_error", None),
 }
 # Streams whose usage chunk the gateway may ask for (Responses always carries usage).
