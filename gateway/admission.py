@@ -74,11 +74,17 @@ class Ticket:
         reached = report.upstream_status is not None
         if self.decision is not None and self.spec is not None:
             await self._settle_caller(self.decision, self.spec, report, actual, reached)
+        # The charge of the attempt that answered: the last one of its provider (a hedged
+        # attempt that lost may have been charged after it: its tokens go back).
+        answered = f"provider:{report.provider}"
         last = len(self.provider_charges) - 1
+        for i, (subject, _spec, _reserved) in enumerate(self.provider_charges):
+            if subject == answered:
+                last = i
         for i, (subject, spec, reserved) in enumerate(self.provider_charges):
             if spec.tokens_per_minute is None:
                 continue
-            if i < last or (actual is None and not reached):
+            if i != last or (actual is None and not reached):
                 await self.limiter.reconcile(subject, spec, -reserved)
             elif actual is not None:
                 await self.limiter.reconcile(subject, spec, actual - reserved)

@@ -14,16 +14,19 @@ import orjson
 from aiohttp import web
 
 from gateway.appkeys import (
+    HEDGES,
     HTTP_CLIENT,
     LIMITER,
     OPS,
     OUTCOME_SINKS,
+    QUEUE,
     RANDOM,
     RESUME_STORE,
     RUNTIME,
     TELEMETRY,
     RuntimeHolder,
 )
+from gateway.attempts import HedgeStats
 from gateway.config.runtime import Runtime
 from gateway.config.schema import GatewayConfig
 from gateway.edge import BodyBudget
@@ -34,6 +37,7 @@ from gateway.limits.memory import MemoryLimiter
 from gateway.logs import get_logger
 from gateway.ops import ConfigState, Ops, file_digest
 from gateway.providers import ENDPOINTS
+from gateway.queue import CapacityQueue
 from gateway.resume.endpoint import resume_handler
 from gateway.resume.store import MemoryStore, ReplayStore
 from gateway.routes import (
@@ -229,6 +233,10 @@ def create_app(
             None, time.time(), file_digest(orjson.dumps(runtime.config.model_dump(mode="json")))
         )
     ops = app[OPS] = Ops(config_state)
+    queue = app[QUEUE] = CapacityQueue()
+    app[HEDGES] = HedgeStats()
+    # A released key is offered to the queue's waiters first (the counts outlive reloads).
+    runtime.in_flight.on_release = queue.offer
     sinks: list[Sink] = [metrics_sink(tel.metrics), ops.window.record]
     if runtime.telemetry.access_log:
         sinks.append(access_log)

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from gateway.attempts import HedgeStats
 from gateway.config.runtime import Runtime
 from gateway.limits.base import Limiter
 from gateway.ops import Ops
+from gateway.queue import CapacityQueue
 from gateway.resume.store import ReplayStore
 from gateway.sinks import Sink
 from gateway.telemetry import Telemetry
@@ -38,3 +40,7 @@ OUTCOME_SINKS = web.AppKey("outcome_sinks", list[Sink])
 OPS = web.AppKey("ops", Ops)
 # Where resumable streams' bytes are kept (built once per process from `resume.store`).
 RESUME_STORE = web.AppKey("resume_store", ReplayStore)
+# Requests waiting for shared upstream capacity (policy.queue); one per process.
+QUEUE = web.AppKey("queue", CapacityQueue)
+# The routes' observed time to a first event (policy.hedge.after_ms: p95).
+HEDGES = web.AppKey("hedges", HedgeStats)

@@ -17,9 +17,11 @@ whose upstream model differs; no attempt starts past the deadline or beyond max_
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -31,9 +33,11 @@ from gateway.errors import GatewayError, Kind
 from gateway.keypool import HealthChange, KeyLease
 from gateway.logs import get_logger
 from gateway.providers.base import as_int
-from gateway.report import Report
+from gateway.queue import CapacityQueue, QueueFull
+from gateway.report import Report, Timings
 from gateway.retry import KeyAction, backoff_s
 from gateway.sinks import finish_attempt_span
+from gateway.tasks import Tasks
 from gateway.telemetry import Telemetry, attrs
 from gateway.upstream import Failure, OpenStream, Reply, Upstream
 
@@ -74,7 +78,18 @@ class Fail:
     answer: GatewayError | Failure
 
 
-Step = Try | Sleep | Fail
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """No attempt can start now (every key busy or blocked, or the provider budgets spent):
+    wait in the capacity queue (`policy.queue`) for one; `error` is the answer if none comes
+    in time. `retry_in`: seconds until capacity comes back by itself (None: when a key is
+    released)."""
+
+    error: GatewayError
+    retry_in: float | None = None
+
+
+Step = Try | Sleep | Fail | Queue
 
 
 @dataclass(slots=True)
@@ -94,12 +109,17 @@ class Planner:
     _backoff_due: bool = False
     _pending: Retry | None = None  # the next attempt, when one is sent, retries `_last`
     _final: Failure | None = None  # a failure no attempt may follow
+    queue_s: float = 0.0  # policy.queue.max_wait_s: how long this request may wait for capacity
+    _taken: Try | None = None  # handed over by the capacity queue: the next step
 
     def __post_init__(self) -> None:
         self._tried = [set() for _ in self.route.deployments]
 
     def next(self) -> Step:
         """What to do now."""
+        if self._taken is not None:
+            step, self._taken = self._taken, None
+            return step
         if self._final is not None:
             return Fail(self._final)
         if self.attempts >= self.route.retry.max_attempts:
@@ -210,14 +230,50 @@ class Planner:
             # Nothing left that could answer differently: the upstream's own answer.
             return Fail(last)
         if self._over_budget and len(self._over_budget) == len(self.route.deployments):
-            return Fail(_over_budget_error(self.route, min(self._over_budget.values())))
+            soonest = min(self._over_budget.values())
+            error = _over_budget_error(self.route, soonest)
+            if self.queue_s > 0 and soonest <= self.queue_s:
+                return Queue(error, soonest)
+            return Fail(error)
         wait = None if choice is None else choice - now
         policy = self.route.retry
         if wait is not None and wait <= policy.max_retry_after_s and now + wait < self.deadline:
             # Every key is cooling down (or the provider backing off) for a short while:
             # waiting is better than failing.
             return Sleep(max(wait, 0.0))
-        return Fail(_no_key_error(self.route, wait))
+        error = _no_key_error(self.route, wait)
+        if self.queue_s > 0 and (wait is None or wait <= self.queue_s):
+            return Queue(error, wait)
+        return Fail(error)
+
+    def hedge(self) -> Try | None:
+        """A parallel attempt on a key (or deployment) this request has not used, if one is
+        usable now; None otherwise (no hedge then)."""
+        choice = self._pick(self.clock(), untried_only=True)
+        if not isinstance(choice, tuple):
+            return None
+        index, deployment, lease = choice
+        return Try(index, deployment, lease, None)
+
+    def drop_taken(self) -> None:
+        """The request ends without using the key the queue handed it: release it."""
+        if self._taken is not None:
+            self._taken.lease.release()
+            self._taken = None
+
+    def take(self) -> Try | None:
+        """The capacity queue offers capacity: take a key now if one is usable (it becomes
+        the next step), else None. Deployments skipped for their budget are tried again."""
+        if self._taken is not None:
+            return self._taken
+        self._over_budget.clear()
+        choice = self._pick(self.clock(), untried_only=False)
+        if not isinstance(choice, tuple):
+            return None
+        index, deployment, lease = choice
+        retry, self._pending = self._pending, None
+        self._taken = Try(index, deployment, lease, retry)
+        return self._taken
 
 
 def _over_budget_error(route: Route, wait: float) -> GatewayError:
@@ -277,6 +333,10 @@ class Attempts:
     upstream: Upstream
     tel: Telemetry
     report: Report
+    queue: CapacityQueue | None = None  # policy.queue (None: no queue)
+    max_queue: int = 1000  # policy.queue.max_length
+    hedges: HedgeStats | None = None  # the routes' observed time to a first event
+    _tasks: Tasks = field(default_factory=lambda: Tasks("attempts"))
 
     async def run(self, planner: Planner, charge: ProviderCharge) -> Served | Failure:
         """Attempts until one answers or the planner gives up. Returns what answered (still
@@ -291,6 +351,9 @@ class Attempts:
             if isinstance(step, Sleep):
                 await asyncio.sleep(step.seconds)
                 continue
+            if isinstance(step, Queue):
+                await self._queued(planner, step)
+                continue
             wait = await charge(step.deployment)
             if wait is not None:
                 # Over the provider's own budget: not an attempt; fall back to the next one.
@@ -298,26 +361,158 @@ class Attempts:
                 continue
             if step.retry is not None:
                 self._retried(step.retry)
-            served = await self._attempt(planner, step)
+            after_s = self._hedge_after()
+            if after_s is None:
+                served = await self._attempt(planner, step)
+            else:
+                served = await self._hedged(planner, step, charge, after_s)
             if served is not None:
                 return served
 
-    async def _attempt(self, planner: Planner, step: Try) -> Served | None:
-        report = self.report
+    def _hedge_after(self) -> float | None:
+        """Seconds after which a silent attempt gets a parallel twin (None: no hedging)."""
+        hedge = self.request.route.hedge
+        if hedge is None or self.hedges is None:
+            return None
+        if hedge.after_ms == "p95":
+            return self.hedges.p95(self.request.route.name)
+        return float(hedge.after_ms) / 1000
+
+    async def _hedged(
+        self, planner: Planner, first: Try, charge: ProviderCharge, after_s: float
+    ) -> Served | None:
+        """`first`, and up to `max_hedges` more attempts on other keys started each `after_s`
+        while none has answered: the first to give a valid first event (or a whole answer)
+        wins and the others are cancelled at once (connection closed, lease released). Each
+        attempt reports into its own scratch report; the winner's goes to the request's."""
+        assert self.request.route.hedge is not None
+        max_hedges = self.request.route.hedge.max_hedges
+        main = self.report
+        runs: dict[asyncio.Task[Served | None], Report] = {}
+        order: list[asyncio.Task[Served | None]] = []
+
+        def start(step: Try) -> None:
+            scratch = dataclasses.replace(main, timings=Timings(), retry_reasons=[])
+            task = self._tasks.spawn(self._attempt(planner, step, scratch), "hedged-attempt")
+            runs[task] = scratch
+            order.append(task)
+
+        start(first)
+        hedges = 0
+        winner: tuple[asyncio.Task[Served | None], Served] | None = None
+        try:
+            while winner is None:
+                pending = [t for t in order if not t.done()]
+                if not pending:
+                    break
+                timeout = after_s if hedges < max_hedges else None
+                done, _ = await asyncio.wait(
+                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    hedges += 1
+                    step = planner.hedge()
+                    if step is None:
+                        hedges = max_hedges  # no other key to race with
+                        continue
+                    if await charge(step.deployment) is not None:
+                        step.lease.release()  # over the provider budget: no hedge
+                        hedges = max_hedges
+                        continue
+                    main.hedged = True
+                    start(step)
+                    continue
+                for task in order:
+                    if task in done and winner is None and (served := task.result()) is not None:
+                        winner = (task, served)
+        finally:
+            losers = [t for t in order if winner is None or t is not winner[0]]
+            for task in losers:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*losers, return_exceptions=True)
+            for task in losers:  # a loser that answered at the same moment: closed too
+                if not task.cancelled() and task.exception() is None:
+                    lost = task.result()
+                    if lost is not None:
+                        if isinstance(lost.result, OpenStream):
+                            lost.result.response.close()
+                        lost.close(runs[task], abandoned=True)
+            main.attempts += len(order)
+            if main.hedged:
+                won = (
+                    "all_failed"
+                    if winner is None
+                    else ("first_won" if winner[0] is order[0] else "hedge_won")
+                )
+                main.hedge_won = None if winner is None else won.removesuffix("_won")
+                self.tel.metrics.child(self.tel.metrics.hedges, won).inc()
+        if winner is None:
+            _adopt(main, runs[order[-1]])  # the failure the request reports is the last one's
+            return None
+        task, served = winner
+        _adopt(main, runs[task])
+        return served
+
+    async def _queued(self, planner: Planner, step: Queue) -> None:
+        """Wait in the capacity queue until the planner takes a key (its next step), or
+        raise the error the request would have had without the queue."""
+        queue, report = self.queue, self.report
+        remaining = planner.queue_s - report.queued_s
+        if queue is None or remaining <= 0:
+            raise step.error
+        provider = self.request.route.deployments[0].provider.name
+        if len(queue) >= self.max_queue:
+            raise _queue_full(self.request.route.name)
+        loop = asyncio.get_running_loop()
+        metrics = self.tel.metrics
+        depth = metrics.child(metrics.queue_depth, provider)
+        depth.inc()
+        started = time.perf_counter()
+        try:
+            taken = await queue.wait(
+                planner.take,
+                priority=self.request.caller.priority,
+                provider=provider,
+                timeout_s=min(remaining, max(0.0, planner.deadline - time.time())),
+                max_length=self.max_queue,
+                retry_at=None if step.retry_in is None else loop.time() + step.retry_in,
+            )
+        except asyncio.CancelledError:
+            planner.drop_taken()  # the client left while a key was being handed to it
+            raise
+        except QueueFull:
+            raise _queue_full(self.request.route.name) from None
+        finally:
+            depth.dec()
+            waited = time.perf_counter() - started
+            report.queued_s += waited
+            metrics.child(metrics.queue_wait, provider).observe(waited)
+        if taken is None:
+            raise step.error
+
+    async def _attempt(
+        self, planner: Planner, step: Try, report: Report | None = None
+    ) -> Served | None:
+        """One attempt; `report`: a hedged attempt's scratch report (else the request's)."""
+        hedged = report is not None
+        report = report or self.report
         span = self._span(step, planner.begin(step))
         report.attempting(step.deployment, step.lease.key, span)
-        report.timings.attempt_started = time.perf_counter()
+        started = report.timings.attempt_started = time.perf_counter()
         try:
             result = await self.upstream.attempt(self.request, step.deployment, step.lease, report)
-        except BaseException:  # the client went away (the handler is cancelled)
+        except BaseException:  # the client went away (the handler is cancelled), or lost
             step.lease.release()
-            finish_attempt_span(span, report, "client_cancel")
+            finish_attempt_span(span, report, "hedge_lost" if hedged else "client_cancel")
             raise
         if isinstance(result, Failure):
             finish_attempt_span(span, report, result.verdict.reason)
             self._health(step, planner.record(step, result))
             return None
         planner.record(step, None)
+        if self.hedges is not None:
+            self.hedges.observe(self.request.route.name, time.perf_counter() - started)
         return Served(result, step)
 
     def _span(self, step: Try, number: int) -> Span:
@@ -386,6 +581,51 @@ class Attempts:
                     gateway__seconds=seconds,
                 ),
             )
+
+
+def _queue_full(model: str) -> GatewayError:
+    return GatewayError(
+        503,
+        Kind.OVERLOADED,
+        f"Every upstream key for the model '{model}' is busy and the gateway's queue for them "
+        "is full.",
+        headers={"retry-after": "1"},
+    )
+
+
+class HedgeStats:
+    """Per route, the time attempts took to a valid first event (the last 256): the `p95` of
+    `hedge.after_ms: p95`. Until 20 are known, no hedging on p95."""
+
+    def __init__(self) -> None:
+        self._samples: dict[str, deque[float]] = {}
+
+    def observe(self, route: str, seconds: float) -> None:
+        samples = self._samples.get(route)
+        if samples is None:
+            samples = self._samples[route] = deque(maxlen=256)
+        samples.append(seconds)
+
+    def p95(self, route: str) -> float | None:
+        samples = self._samples.get(route)
+        if samples is None or len(samples) < 20:
+            return None
+        ordered = sorted(samples)
+        return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def _adopt(main: Report, attempt: Report) -> None:
+    """The winning hedged attempt's facts become the request's."""
+    main.deployment = attempt.deployment
+    main.provider = attempt.provider
+    main.key_id = attempt.key_id
+    main.key_fp = attempt.key_fp
+    main.attempt_span = attempt.attempt_span
+    main.upstream_status = attempt.upstream_status
+    main.upstream_request_id = attempt.upstream_request_id
+    main.timings.attempt_started = attempt.timings.attempt_started
+    main.timings.connect_s = attempt.timings.connect_s
+    main.timings.first_upstream_byte = attempt.timings.first_upstream_byte
 
 
 def _max_tokens(request: Request) -> int | None:

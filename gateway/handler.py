@@ -27,10 +27,12 @@ from opentelemetry import trace
 
 from gateway.admission import admit
 from gateway.appkeys import (
+    HEDGES,
     HTTP_CLIENT,
     LIMITER,
     OPS,
     OUTCOME_SINKS,
+    QUEUE,
     RANDOM,
     RESUME_STORE,
     RUNTIME,
@@ -77,8 +79,18 @@ class Handler:
             retry_redis_s = runtime.config.state.retry_redis_after_s
             async with admit(app[LIMITER], req, report, tel, retry_redis_s) as ticket:
                 upstream = Upstream(app[HTTP_CLIENT], tel, runtime)
-                attempts = Attempts(req, upstream, tel, report)
+                queue = runtime.config.policy.queue
+                attempts = Attempts(
+                    req,
+                    upstream,
+                    tel,
+                    report,
+                    queue=app[QUEUE] if queue.max_wait_s > 0 else None,
+                    max_queue=queue.max_length,
+                    hedges=app[HEDGES],
+                )
                 planner = self._planner(req, report, app[RANDOM])
+                planner.queue_s = queue.max_wait_s
                 result = await attempts.run(planner, ticket.charge_provider)
                 return await self._answer(request, result, req, report, runtime)
         except GatewayError as err:

@@ -14,6 +14,7 @@ streams still hold (and those streams release into the same counter).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.retry import KeyAction, Verdict
@@ -50,22 +51,25 @@ class KeyHealth:
 class _Count:
     """One key's requests in flight (shared by every pool, old and new, that has the key)."""
 
-    __slots__ = ("n",)
+    __slots__ = ("n", "owner")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: InFlight) -> None:
         self.n = 0
+        self.owner = owner
 
 
 class InFlight:
-    """The in-flight counts of every upstream key of the process, by fingerprint."""
+    """The in-flight counts of every upstream key of the process, by fingerprint.
+    `on_release` is called whenever a lease ends (the capacity queue hands the key on)."""
 
     def __init__(self) -> None:
         self._counts: dict[str, _Count] = {}
+        self.on_release: Callable[[], None] | None = None
 
     def count(self, fingerprint: str) -> _Count:
         found = self._counts.get(fingerprint)
         if found is None:
-            found = self._counts[fingerprint] = _Count()
+            found = self._counts[fingerprint] = _Count(self)
         return found
 
 
@@ -90,9 +94,13 @@ class KeyLease:
         self.key = state.key
 
     def release(self) -> None:
-        if self._count is not None:
-            self._count.n -= 1
+        count = self._count
+        if count is not None:
+            count.n -= 1
             self._count = None
+            hook = count.owner.on_release
+            if hook is not None:
+                hook()
 
 
 @dataclass(frozen=True, slots=True)

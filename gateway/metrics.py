@@ -113,6 +113,26 @@ class Metrics:
             ("gen_ai_provider_name", "key_id"),
             registry=r,
         )
+        self.queue_depth = Gauge(
+            "llm_gateway_queue_depth",
+            "Requests waiting in the capacity queue for an upstream key (policy.queue).",
+            ("gen_ai_provider_name",),
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "llm_gateway_queue_wait_seconds",
+            "Time a request waited in the capacity queue.",
+            ("gen_ai_provider_name",),
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.hedges = Counter(
+            "llm_gateway_hedges",
+            "Requests that started a hedged attempt, by outcome (first_won | hedge_won | "
+            "all_failed).",
+            ("outcome",),
+            registry=r,
+        )
         self.stream_resumes = Counter(
             "llm_gateway_stream_resumes",
             "Reattaches to resumable streams by result (ok | not_found | gone | range).",

@@ -40,6 +40,7 @@ class Cancellable(Protocol):
 
     stream_id: str
     out: int
+    draining: bool  # the client left; the upstream is read to its end for a reattach
 
     def stop(self, outcome: Outcome) -> bool: ...
 
@@ -72,6 +73,7 @@ class LiveStream:
             "ttft_ms": None if ttft is None else round(ttft, 3),
             "events": self.owner.live_events(),
             "bytes": self.owner.out,
+            "draining": self.owner.draining,
         }
 
 

@@ -142,6 +142,7 @@ class Report:
     attempts: int = 0
     retry_reasons: list[str] = field(default_factory=list)
     deployment: str | None = None  # provider/model of the last attempt
+    provider: str | None = None  # the provider of the last attempt (names may hold a "/")
     key_id: str | None = None
     key_fp: str | None = None
     attempt_span: Span = field(default=INVALID_SPAN)
@@ -156,6 +157,9 @@ class Report:
     overhead_ms: float | None = None
     ended: bool = False  # a committed stream reached its end (whatever the outcome)
     stream_id: str | None = None  # x-gateway-stream-id of a committed stream
+    queued_s: float = 0.0  # waited in the capacity queue (policy.queue)
+    hedged: bool = False  # a parallel attempt was started (policy.hedge)
+    hedge_won: str | None = None  # first | hedge
     drained: bool = False  # resumable: the client left and the upstream was read to its end
     drain_end: str | None = None  # how the drained upstream ended (an Outcome value)
     timings: Timings = field(default_factory=Timings)
@@ -173,6 +177,7 @@ class Report:
     def attempting(self, deployment: Deployment, key: UpstreamKey, span: Span) -> None:
         """A new upstream attempt starts (the last one is what the answer reports)."""
         self.attempts += 1
+        self.provider = deployment.provider.name
         self.deployment = f"{deployment.provider.name}/{deployment.model}"
         self.key_id = key.id
         self.key_fp = key.fingerprint

@@ -129,6 +129,9 @@ def access_log(r: Report, now: float) -> None:
         "retry_reasons": r.retry_reasons or None,
         "limiter": r.limiter,
         "reconciled_tokens": r.reconciled,
+        "queued_ms": round(r.queued_s * 1000, 3) if r.queued_s else None,
+        "hedged": True if r.hedged else None,
+        "hedge_won": r.hedge_won,
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
     if r.usage is not None:

@@ -19,6 +19,7 @@ from yarl import URL
 from gateway.config.loader import ConfigError
 from gateway.config.schema import (
     GatewayConfig,
+    HedgeConfig,
     RetryConfig,
     RetryOverride,
     ServerConfig,
@@ -42,6 +43,7 @@ class Caller:
     models: frozenset[str] | None  # None = every model
     tier: str | None = None
     limits: LimitSpec | None = None  # None = unlimited
+    priority: int = 0  # in the upstream-capacity queue (the tier's)
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -52,6 +54,7 @@ class Tier:
     name: str
     limits: LimitSpec | None
     models: frozenset[str] | None
+    priority: int = 0
 
 
 def make_caller(caller_id: str, tier: Tier | None, models: Iterable[str] | None) -> Caller:
@@ -64,6 +67,7 @@ def make_caller(caller_id: str, tier: Tier | None, models: Iterable[str] | None)
         models=allowed,
         tier=tier.name if tier else None,
         limits=tier.limits if tier else None,
+        priority=tier.priority if tier else 0,
     )
 
 
@@ -128,6 +132,7 @@ class Route:
     timeouts: Timeouts
     retry: RetryPolicy
     max_tokens_cap: int | None
+    hedge: HedgeConfig | None = None
     # The HTTP client's timeouts of every attempt (built once: the first-byte, chunk and total
     # deadlines are the gateway's own).
     client_timeout: aiohttp.ClientTimeout = field(
@@ -292,6 +297,7 @@ def build_runtime(
             timeouts=timeouts,
             retry=_retry(model_name, config.policy.retry, m.policy.retry),
             max_tokens_cap=cap,
+            hedge=m.policy.hedge or config.policy.hedge,
             client_timeout=aiohttp.ClientTimeout(
                 total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s
             ),
@@ -313,6 +319,7 @@ def build_runtime(
             name=name,
             limits=None if limit_spec.empty else limit_spec,
             models=frozenset(t.models) if t.models is not None else None,
+            priority=t.priority,
         )
     default_tier = config.auth.default_tier
     if default_tier is not None and default_tier not in tiers:

@@ -297,10 +297,33 @@ class RetryOverride(_Strict):
     deadline_s: float | None = Field(None, gt=0, le=86400)
 
 
+class QueueConfig(_Strict):
+    """Requests wait (in priority order) for shared upstream capacity instead of failing."""
+
+    max_wait_s: float = Field(0, ge=0, le=3600)  # 0 = no queue
+    max_length: int = Field(1000, ge=1, le=1_000_000)  # waiting requests; beyond: 503 at once
+
+
+class HedgeConfig(_Strict):
+    """A second attempt in parallel when the first has no valid first event in time."""
+
+    after_ms: float | Literal["p95"] = 400  # p95: the route's observed time to first event
+    max_hedges: int = Field(1, ge=1, le=3)
+
+    @field_validator("after_ms")
+    @classmethod
+    def _positive(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and not 1 <= value <= 600_000:
+            raise ValueError("must be 1 to 600000 (ms) or p95")
+        return value
+
+
 class PolicyConfig(_Strict):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     retry: RetryConfig = RetryConfig()
     max_tokens_cap: int | None = Field(None, ge=1, le=10_000_000)
+    queue: QueueConfig = QueueConfig()
+    hedge: HedgeConfig | None = None  # every model's, unless it has its own
 
 
 class PolicyOverride(_Strict):
@@ -309,6 +332,7 @@ class PolicyOverride(_Strict):
     timeouts: TimeoutsOverride = TimeoutsOverride()
     retry: RetryOverride = RetryOverride()
     max_tokens_cap: int | None = Field(None, ge=1, le=10_000_000)
+    hedge: HedgeConfig | None = None
 
 
 class DeploymentConfig(_Strict):
@@ -360,6 +384,7 @@ class TierConfig(_Strict):
     # Every in-flight request of the caller, streamed or not (a stream takes one of each).
     concurrent_requests: int | None = Field(None, ge=1, le=1_000_000)
     models: tuple[str, ...] | None = None  # None = every model
+    priority: int = Field(0, ge=-1000, le=1000)  # in the upstream-capacity queue: higher first
 
 
 class StateConfig(_Strict):
