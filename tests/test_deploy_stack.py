@@ -529,6 +529,10 @@ def test_the_dashboard_shows_every_gateway_metric_on_call_needs() -> None:
         "llm_gateway_upstream_key_state",
         "llm_gateway_upstream_key_in_flight",
         "llm_gateway_limiter_decisions_total",
+        "llm_gateway_queue_depth",
+        "llm_gateway_queue_wait_seconds_bucket",
+        "llm_gateway_hedges_total",
+        "llm_gateway_stream_resumes_total",
     } <= used
 
 
