@@ -85,7 +85,10 @@ def _bearer_ok(request: web.Request, digest: bytes) -> bool:
 
 def _cookie_ok(request: web.Request, digest: bytes) -> bool:
     cookie = request.cookies.get(_COOKIE)
-    return cookie is not None and hmac.compare_digest(cookie, _cookie_value(digest))
+    if cookie is None:
+        return False
+    offered = cookie.encode(errors="replace")
+    return hmac.compare_digest(offered, _cookie_value(digest).encode())
 
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -77,7 +77,7 @@ class Ticket:
         # The charge of the attempt that answered: the last one of its provider (a hedged
         # attempt that lost may have been charged after it: its tokens go back).
         answered = f"provider:{report.provider}"
-        last = len(self.provider_charges) - 1
+        last = -1  # none: the answering provider has no budget; every reservation goes back
         for i, (subject, _spec, _reserved) in enumerate(self.provider_charges):
             if subject == answered:
                 last = i

@@ -193,7 +193,16 @@ def _resume_ctx(config: GatewayConfig) -> Callable[[web.Application], AsyncItera
         if resume.store == "redis":
             from gateway.resume.redis_store import RedisStore  # noqa: PLC0415
 
-            store = RedisStore(config.state.redis_url, prefix=config.state.key_prefix)
+            # A live stream's keys outlive the longest request (a writer that died leaves them).
+            longest = max(
+                [config.policy.timeouts.total_s]
+                + [m.policy.timeouts.total_s or 0 for m in config.models.values()]
+            )
+            store = RedisStore(
+                config.state.redis_url,
+                prefix=config.state.key_prefix,
+                live_ttl_s=longest + resume.ttl_s,
+            )
         else:
             store = MemoryStore(memory_bytes=resume.memory_bytes)
         app[RESUME_STORE] = store

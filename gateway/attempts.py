@@ -111,6 +111,8 @@ class Planner:
     _final: Failure | None = None  # a failure no attempt may follow
     queue_s: float = 0.0  # policy.queue.max_wait_s: how long this request may wait for capacity
     _taken: Try | None = None  # handed over by the capacity queue: the next step
+    _busy: bool = False  # the last pick found a key at its cap (not blocked)
+    _budget_at: float = 0.0  # epoch: when a spent provider budget admits again
 
     def __post_init__(self) -> None:
         self._tried = [set() for _ in self.route.deployments]
@@ -160,8 +162,10 @@ class Planner:
         if failure is None:
             pool.succeeded(step.lease.key, now)
             return []
-        step.lease.release()
+        # Health first: the release hands the key to a queued request at once, which must see
+        # it cooling down or disabled already.
         changes = pool.failed(step.lease.key, failure.verdict, now)
+        step.lease.release()
         verdict = failure.verdict
         if not verdict.retryable:
             self._final = failure
@@ -202,6 +206,7 @@ class Planner:
         is usable, the epoch time when something comes back (None if nothing is blocked,
         only busy)."""
         soonest: float | None = None
+        self._busy = False
         for prefer_untried in (True,) if untried_only else (True, False):
             for index, deployment in enumerate(self.route.deployments):
                 if index in self._over_budget or deployment.model in self._too_small:
@@ -213,6 +218,8 @@ class Planner:
                     lease = pool.acquire(now, exclude)
                     if lease is not None:
                         return index, deployment, lease
+                    if pool.usable_keys(now) > 0:
+                        self._busy = True  # a key at its cap: a release frees it
                     blocked = pool.earliest_unblock(now)
                 if blocked is not None:
                     soonest = blocked if soonest is None else min(soonest, blocked)
@@ -233,6 +240,9 @@ class Planner:
             soonest = min(self._over_budget.values())
             error = _over_budget_error(self.route, soonest)
             if self.queue_s > 0 and soonest <= self.queue_s:
+                # Only time refills a budget: take a key only once it has (a release
+                # elsewhere must not wake this request to be refused again).
+                self._budget_at = now + soonest
                 return Queue(error, soonest)
             return Fail(error)
         wait = None if choice is None else choice - now
@@ -242,8 +252,9 @@ class Planner:
             # waiting is better than failing.
             return Sleep(max(wait, 0.0))
         error = _no_key_error(self.route, wait)
-        if self.queue_s > 0 and (wait is None or wait <= self.queue_s):
-            return Queue(error, wait)
+        if self.queue_s > 0 and (self._busy or wait is None or wait <= self.queue_s):
+            # A busy key comes back on release; a blocked one at `wait` (a hint if later).
+            return Queue(error, wait if wait is not None and wait <= self.queue_s else None)
         return Fail(error)
 
     def hedge(self) -> Try | None:
@@ -266,8 +277,12 @@ class Planner:
         the next step), else None. Deployments skipped for their budget are tried again."""
         if self._taken is not None:
             return self._taken
-        self._over_budget.clear()
-        choice = self._pick(self.clock(), untried_only=False)
+        now = self.clock()
+        if self._over_budget:
+            if now < self._budget_at:
+                return None
+            self._over_budget.clear()
+        choice = self._pick(now, untried_only=False)
         if not isinstance(choice, tuple):
             return None
         index, deployment, lease = choice
@@ -354,7 +369,11 @@ class Attempts:
             if isinstance(step, Queue):
                 await self._queued(planner, step)
                 continue
-            wait = await charge(step.deployment)
+            try:
+                wait = await charge(step.deployment)
+            except BaseException:  # the client left during the charge: the key is free again
+                step.lease.release()
+                raise
             if wait is not None:
                 # Over the provider's own budget: not an attempt; fall back to the next one.
                 planner.over_budget(step, wait)
@@ -415,7 +434,12 @@ class Attempts:
                     if step is None:
                         hedges = max_hedges  # no other key to race with
                         continue
-                    if await charge(step.deployment) is not None:
+                    try:
+                        refused = await charge(step.deployment) is not None
+                    except BaseException:
+                        step.lease.release()
+                        raise
+                    if refused:
                         step.lease.release()  # over the provider budget: no hedge
                         hedges = max_hedges
                         continue
@@ -430,7 +454,16 @@ class Attempts:
             for task in losers:
                 if not task.done():
                     task.cancel()
-            await asyncio.gather(*losers, return_exceptions=True)
+            try:
+                # Shielded: the losers' leases are released even if the client leaves now.
+                await asyncio.shield(asyncio.gather(*losers, return_exceptions=True))
+            except BaseException:
+                if winner is not None:  # nobody will deliver it
+                    delivered = winner[1]
+                    if isinstance(delivered.result, OpenStream):
+                        delivered.result.response.close()
+                    delivered.close(runs[winner[0]], abandoned=True)
+                raise
             for task in losers:  # a loser that answered at the same moment: closed too
                 if not task.cancelled() and task.exception() is None:
                     lost = task.result()
@@ -439,14 +472,14 @@ class Attempts:
                             lost.result.response.close()
                         lost.close(runs[task], abandoned=True)
             main.attempts += len(order)
-            if main.hedged:
-                won = (
+            if len(order) > 1:  # a hedge started in this round
+                outcome = (
                     "all_failed"
                     if winner is None
                     else ("first_won" if winner[0] is order[0] else "hedge_won")
                 )
-                main.hedge_won = None if winner is None else won.removesuffix("_won")
-                self.tel.metrics.child(self.tel.metrics.hedges, won).inc()
+                main.hedge_won = None if winner is None else outcome.removesuffix("_won")
+                self.tel.metrics.child(self.tel.metrics.hedges, outcome).inc()
         if winner is None:
             _adopt(main, runs[order[-1]])  # the failure the request reports is the last one's
             return None
@@ -477,6 +510,7 @@ class Attempts:
                 timeout_s=min(remaining, max(0.0, planner.deadline - time.time())),
                 max_length=self.max_queue,
                 retry_at=None if step.retry_in is None else loop.time() + step.retry_in,
+                group=self.request.route.name,
             )
         except asyncio.CancelledError:
             planner.drop_taken()  # the client left while a key was being handed to it

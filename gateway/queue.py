@@ -28,7 +28,7 @@ class QueueFull(Exception):
 
 
 class _Waiter(Generic[T]):
-    __slots__ = ("future", "provider", "retry_at", "take")
+    __slots__ = ("future", "group", "provider", "retry_at", "take")
 
     def __init__(
         self,
@@ -36,10 +36,12 @@ class _Waiter(Generic[T]):
         take: Callable[[], T | None],
         provider: str,
         retry_at: float | None,
+        group: str,
     ) -> None:
         self.future = future
         self.take = take
         self.provider = provider
+        self.group = group  # waiters of one group (a model) take alike: one refusal is theirs
         self.retry_at = retry_at  # loop time when capacity returns by itself (a cooldown)
 
 
@@ -64,13 +66,14 @@ class CapacityQueue:
         timeout_s: float,
         max_length: int,
         retry_at: float | None = None,
+        group: str = "",
     ) -> T | None:
         """Wait until `take()` gives something (returned) or `timeout_s` passes (None).
         `retry_at` (loop time): when capacity comes back by itself. Raises QueueFull."""
         if len(self._heap) >= max_length:
             raise QueueFull
         loop = asyncio.get_running_loop()
-        waiter: _Waiter[T] = _Waiter(loop.create_future(), take, provider, retry_at)
+        waiter: _Waiter[T] = _Waiter(loop.create_future(), take, provider, retry_at, group)
         entry = (-priority, next(self._seq), waiter)
         heapq.heappush(self._heap, entry)
         self.depth[provider] = self.depth.get(provider, 0) + 1
@@ -110,14 +113,17 @@ class CapacityQueue:
             self._again = True
             while self._again:
                 self._again = False
+                refused: set[str] = set()  # groups whose best waiter could not take
                 for entry in sorted(self._heap):
                     waiter = entry[2]
-                    if waiter.future.done():
+                    if waiter.future.done() or (waiter.group and waiter.group in refused):
                         continue
                     taken = waiter.take()
                     if taken is not None:
                         waiter.future.set_result(taken)
                         self._remove(entry)
+                    else:
+                        refused.add(waiter.group)
         finally:
             self._offering = False
         self._arm(asyncio.get_running_loop())

@@ -225,6 +225,8 @@ class StreamOwner:
         # resume.inject_ids: `id: <offset>` in each event (EventSource clients reconnect).
         self.injector = IdInjector() if inject_ids else None
         self._sent = 0  # bytes the client got before it went away (while draining)
+        self._cancel_absorbed = False
+        self._cut = False  # the stream ended mid-event (no terminal event could be added)
         self._seen_first = False  # the first token has passed (quiet chunks are only counted)
         self._tail = b""  # the last bytes of the previous read (markers split over two reads)
         self._hot = False  # an event that matters may be completing: show the next events
@@ -256,7 +258,8 @@ class StreamOwner:
             # Also when the client's leaving cancels the relay.
             report.bytes_out = self._sent if self.draining else self.out
             if self.recorder is not None:
-                self.recorder.end()
+                # Aborted mid-event (live or while draining): a reattach must break there too.
+                self.recorder.end(cut=self._cut or self.state is State.ABORTED)
                 report.drained = self.draining
         report.streamed(end)
         return end
@@ -332,6 +335,7 @@ class StreamOwner:
         clock = time.perf_counter
         now = clock()
         resumed = False  # back from a keep-alive: the upstream's silence goes on
+        unobserved = b""
         while True:
             try:
                 if not resumed:
@@ -347,6 +351,7 @@ class StreamOwner:
                     visible = injector.feed(visible) if chunk else visible + injector.flush()
                 if record is not None:
                     record(visible)
+                unobserved = chunk  # until observed: a cancel during the write must not skip it
                 try:
                     if not visible or draining:
                         pass
@@ -365,6 +370,7 @@ class StreamOwner:
                 watchdog.last_write = now
                 if self.observing:
                     observe(chunk, now)
+                unobserved = b""
                 if self._stop is not None and self._at_boundary():
                     return self._stop
             except asyncio.CancelledError:
@@ -373,10 +379,20 @@ class StreamOwner:
                     if not self._start_draining(asyncio.current_task()):
                         raise
                     draining = True
+                    if unobserved:  # the chunk whose write was interrupted: recorded, and
+                        self.out += len(unobserved)  # now observed (usage, end marker)
+                        if self.observing:
+                            observe(unobserved, clock())
+                        unobserved = b""
+                    if watchdog.fired is not None:  # it fired in the same loop turn
+                        return watchdog.fired
+                    if watchdog.keepalive_due:
+                        watchdog.resume()
                     continue
                 fired = await self._interrupted(watchdog, write)
                 if fired is not None:
                     return fired
+                draining = self.draining  # the keep-alive's write may have found the client gone
                 resumed = True
             except (aiohttp.ClientError, OSError):
                 return Outcome.PAYLOAD_ERROR
@@ -385,10 +401,19 @@ class StreamOwner:
         """The client went away: with a recorder (resume on), keep reading the upstream to
         its end without writing (True); otherwise the stream ends (False). A second
         cancellation while draining (shutdown) is not absorbed."""
-        if self.recorder is None or self.draining:
+        if self.recorder is None:
+            return False
+        if self.draining:
+            # Draining began on a failed write; aiohttp's own cancellation for the same
+            # disconnect follows: absorbed once. Any later one (shutdown) ends the stream.
+            if task is not None and not self._cancel_absorbed:
+                task.uncancel()
+                self._cancel_absorbed = True
+                return True
             return False
         if task is not None:
             task.uncancel()
+            self._cancel_absorbed = True
         self.draining = True
         self._sent = self.out
         self.report.span.add_event("gateway.client_gone_draining")
@@ -479,14 +504,16 @@ class StreamOwner:
         fired = watchdog.fired
         if fired is not None:
             return fired
-        if self.draining:  # nobody to keep alive
-            watchdog.resume()
-            return None
         if self.recorder is not None:
+            # Recorded while draining too: a reattached client's proxies see the silence
+            # broken as the first connection's would have.
             self.recorder.append(_KEEPALIVE)
         if self.injector is not None:
             self.injector.skip(len(_KEEPALIVE))
-        if not await self._keepalive(write):
+        if self.draining:
+            watchdog.resume()
+            return None
+        if not await self._keepalive(write) and not self._start_draining(None):
             return Outcome.CLIENT_CANCEL
         watchdog.resume()
         return None
@@ -522,9 +549,12 @@ class StreamOwner:
         if self.draining:
             # Nobody to write to: what the client would have got is recorded for a reattach.
             self.report.drain_end = end.value
-            if end not in (Outcome.OK, Outcome.UPSTREAM_ERROR) and self._at_boundary():
+            if end not in (Outcome.OK, Outcome.UPSTREAM_ERROR):
                 assert self.recorder is not None
-                self.recorder.append(self._with_id(self._error_event(end)))
+                if self._at_boundary():
+                    self.recorder.append(self._with_id(self._error_event(end)))
+                else:
+                    self._cut = True
             return self._gone()
         if end in (Outcome.OK, Outcome.UPSTREAM_ERROR):
             # An upstream's in-band error already told the client, in the client's format.

@@ -28,6 +28,7 @@ from gateway.ops import STREAM_ID_HEADER
 from gateway.providers import WIRE_APIS, caller_api
 from gateway.providers.base import ApiFamily
 from gateway.render import error_response
+from gateway.resume.store import StreamCut
 
 _log = get_logger("gateway.resume")
 _ID = re.compile(r"^gs_[A-Za-z0-9_-]{16,64}$")
@@ -114,6 +115,10 @@ async def resume_handler(request: web.Request) -> web.StreamResponse:
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client went away again: it may reattach once more
+    except StreamCut:
+        # The first connection saw this stream break (or its bytes are gone): so does this one.
+        if request.transport is not None:
+            request.transport.abort()
     finally:
         _log.info(
             "stream reattached",

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.logs import get_logger
-from gateway.resume.store import Meta
+from gateway.resume.store import Meta, StreamCut
 from gateway.tasks import Tasks
 
 _log = get_logger("gateway.resume")
@@ -37,6 +37,7 @@ class _RedisRecorder:
     __slots__ = (
         "_broken",
         "_created",
+        "_cut",
         "_data",
         "_ended",
         "_flushing",
@@ -61,6 +62,7 @@ class _RedisRecorder:
         self._store = store
         self._identity = identity  # caller, family: written with the first flush
         self._created = False
+        self._cut = False
         self._ttl_s = ttl_s
         self._max = max_bytes
         self._data = data_key
@@ -87,9 +89,10 @@ class _RedisRecorder:
         """Write the stream's meta now (a reattach may come before the first chunk)."""
         self._kick()
 
-    def end(self) -> None:
+    def end(self, *, cut: bool = False) -> None:
         if not self._ended:
             self._ended = True
+            self._cut = cut
             if not self._broken:
                 self._kick()
 
@@ -116,7 +119,7 @@ class _RedisRecorder:
                 if length:
                     pipe.hincrby(self._meta, "len", length)
                 if ending:
-                    pipe.xadd(self._data, {"e": "1"})
+                    pipe.xadd(self._data, {"e": "c" if self._cut else "1"})
                     pipe.hset(self._meta, "state", "ended")
                     ttl_ms = int(self._ttl_s * 1000)
                 else:
@@ -220,7 +223,10 @@ class RedisStore:
                 continue
             for entry_id, fields in answer[0][1]:
                 last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                if b"e" in fields:
+                marker = fields.get(b"e")
+                if marker is not None:
+                    if marker != b"1":  # cut (c) or grown past its bound (o)
+                        raise StreamCut
                     return
                 chunk: bytes = fields.get(b"d", b"")
                 end = position + len(chunk)
@@ -229,5 +235,12 @@ class RedisStore:
                 position = end
 
     async def close(self) -> None:
+        # Pending flushes (a stream's last bytes and its end marker) get a moment to land:
+        # a reattach on another instance must not wait for an end that never comes.
+        try:
+            async with asyncio.timeout(2.0):
+                await self._tasks.wait()
+        except TimeoutError:
+            pass
         await self._tasks.cancel()
         await self.redis.aclose()

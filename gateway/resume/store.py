@@ -15,6 +15,8 @@ that outgrows `max_stream_bytes` keeps being relayed but drops its bytes and ans
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -33,12 +35,18 @@ class Meta:
     oversize: bool
 
 
+class StreamCut(Exception):
+    """The stream being read was cut (the first connection saw a broken stream, or its bytes
+    were dropped mid-read): a reattach must end as broken too, never cleanly."""
+
+
 class Recorder(Protocol):
     def append(self, data: bytes) -> None:
         """The next client-visible bytes (the hot path: never awaits)."""
 
-    def end(self) -> None:
-        """The stream has ended: its bytes are complete (reattachable for the TTL)."""
+    def end(self, *, cut: bool = False) -> None:
+        """The stream has ended: its bytes are complete (reattachable for the TTL). `cut`:
+        it ended mid-event (the connection was aborted), as a reattach must too."""
 
 
 class ReplayStore(Protocol):
@@ -54,8 +62,8 @@ class ReplayStore(Protocol):
 
     def read(self, stream_id: str, offset: int) -> AsyncIterator[bytes]:
         """The bytes from `offset` on, live until the stream ends (nothing once it has ended
-        and everything was read). Ends early if the stream is evicted or outgrows its
-        bound."""
+        and everything was read). Raises StreamCut after the last bytes of a stream that was
+        cut, or one evicted or grown past its bound while being read."""
 
     async def close(self) -> None: ...
 
@@ -64,9 +72,11 @@ class _Entry:
     __slots__ = (
         "caller",
         "chunks",
+        "cut",
         "ended",
         "expires",
         "family",
+        "gen",
         "length",
         "oversize",
         "ttl_s",
@@ -78,6 +88,8 @@ class _Entry:
         self.caller = caller
         self.family = family
         self.chunks: list[bytes] = []
+        self.gen = 0  # changes when `chunks` is compacted (readers' cursors start over)
+        self.cut = False
         self.length = 0
         self.ended = False
         self.oversize = False
@@ -89,20 +101,6 @@ class _Entry:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-
-    def after(self, offset: int) -> bytes:
-        """The kept bytes from `offset` on (b"" when there are none yet)."""
-        if offset >= self.length:
-            return b""
-        start = 0
-        for i, chunk in enumerate(self.chunks):
-            end = start + len(chunk)
-            if offset < end:
-                rest = self.chunks[i:]
-                rest[0] = chunk[offset - start :]
-                return rest[0] if len(rest) == 1 else b"".join(rest)
-            start = end
-        return b""
 
 
 class _MemoryRecorder:
@@ -126,7 +124,8 @@ class _MemoryRecorder:
         if entry.waiters:
             entry.wake()
 
-    def end(self) -> None:
+    def end(self, *, cut: bool = False) -> None:
+        self._entry.cut = cut
         self._store.ended(self._entry)
 
 
@@ -142,7 +141,8 @@ class MemoryStore:
         self._ids: dict[int, str] = {}  # id(entry) -> stream id
         self.kept_bytes = 0
         self.evicted = 0
-        self._ttl_order = 0.0
+        self._expiry: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
 
     def begin(
         self, stream_id: str, caller: str, family: str, *, ttl_s: float, max_bytes: int
@@ -179,12 +179,10 @@ class MemoryStore:
         entry.expires = time.monotonic() + entry.ttl_s
         if len(entry.chunks) > 1:  # one bytes object per stream from now on
             entry.chunks = [b"".join(entry.chunks)]
-        self._ended[stream_id] = entry
-        if entry.ttl_s != self._ttl_order:
-            # TTLs changed by a reload: keep the ended streams in expiry order.
-            self._ttl_order = entry.ttl_s
-            ordered = sorted(self._ended.items(), key=lambda item: item[1].expires)
-            self._ended = OrderedDict(ordered)
+            entry.gen += 1
+        self._ended[stream_id] = entry  # end order: the eviction order
+        # Expiry order (TTLs may differ between streams after a reload).
+        heapq.heappush(self._expiry, (entry.expires, next(self._seq), stream_id))
         entry.wake()
         self._expire()
 
@@ -201,11 +199,11 @@ class MemoryStore:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        while self._ended:
-            stream_id, entry = next(iter(self._ended.items()))
-            if entry.expires > now:
-                break
-            self._evict(stream_id)
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now:
+            _, _, stream_id = heapq.heappop(expiry)
+            if stream_id in self._ended:  # not evicted for room already
+                self._evict(stream_id)
 
     async def meta(self, stream_id: str) -> Meta | None:
         self._expire()
@@ -220,17 +218,32 @@ class MemoryStore:
             return
         position = offset
         loop = asyncio.get_running_loop()
+        # A cursor (chunk index, its start) so that following a live stream costs the new
+        # chunks only, not a scan from the start on every append.
+        index, start, gen = 0, 0, entry.gen
         while not entry.oversize:
-            data = entry.after(position)
-            if data:
-                position += len(data)
+            chunks = entry.chunks
+            if gen != entry.gen:
+                index, start, gen = 0, 0, entry.gen
+            while index < len(chunks) and start + len(chunks[index]) <= position:
+                start += len(chunks[index])
+                index += 1
+            if index < len(chunks):
+                head = chunks[index][position - start :]
+                rest = chunks[index + 1 :]
+                data = b"".join([head, *rest]) if rest else head
+                start = position = position + len(data)
+                index = len(chunks)
                 yield data
                 continue
             if entry.ended:
+                if entry.cut:
+                    raise StreamCut
                 return
             waiter: asyncio.Future[None] = loop.create_future()
             entry.waiters.append(waiter)
             await waiter
+        raise StreamCut  # evicted or grown past its bound while being read
 
     @property
     def streams(self) -> int:
