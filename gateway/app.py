@@ -21,6 +21,7 @@ from gateway.appkeys import (
     OUTCOME_SINKS,
     QUEUE,
     RANDOM,
+    RESUME_READERS,
     RESUME_STORE,
     RUNTIME,
     TELEMETRY,
@@ -39,6 +40,7 @@ from gateway.ops import ConfigState, Ops, file_digest
 from gateway.providers import ENDPOINTS
 from gateway.queue import CapacityQueue
 from gateway.resume.endpoint import resume_handler
+from gateway.resume.readers import Readers
 from gateway.resume.store import MemoryStore, ReplayStore
 from gateway.routes import (
     error_middleware,
@@ -206,6 +208,7 @@ def _resume_ctx(config: GatewayConfig) -> Callable[[web.Application], AsyncItera
         else:
             store = MemoryStore(memory_bytes=resume.memory_bytes)
         app[RESUME_STORE] = store
+        app[RESUME_READERS] = Readers()
         yield
         await store.close()
 

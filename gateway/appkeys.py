@@ -13,6 +13,7 @@ from gateway.config.runtime import Runtime
 from gateway.limits.base import Limiter
 from gateway.ops import Ops
 from gateway.queue import CapacityQueue
+from gateway.resume.readers import Readers
 from gateway.resume.store import ReplayStore
 from gateway.sinks import Sink
 from gateway.telemetry import Telemetry
@@ -40,6 +41,8 @@ OUTCOME_SINKS = web.AppKey("outcome_sinks", list[Sink])
 OPS = web.AppKey("ops", Ops)
 # Where resumable streams' bytes are kept (built once per process from `resume.store`).
 RESUME_STORE = web.AppKey("resume_store", ReplayStore)
+# Reattaches open now (bounded per stream and per caller).
+RESUME_READERS = web.AppKey("resume_readers", Readers)
 # Requests waiting for shared upstream capacity (policy.queue); one per process.
 QUEUE = web.AppKey("queue", CapacityQueue)
 # The routes' observed time to a first event (policy.hedge.after_ms: p95).

@@ -426,6 +426,9 @@ class ResumeConfig(_Strict):
     max_stream_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1024**3)  # longer: 410
     memory_bytes: int = Field(256 * 1024 * 1024, ge=65536, le=64 * 1024**3)  # memory store
     inject_ids: bool = False  # `id: <offset>` in each event, for EventSource clients
+    # Reattaches open at once on this instance: per stream, and per caller (beyond: 429).
+    max_readers_per_stream: int = Field(8, ge=1, le=1000)
+    max_readers_per_caller: int = Field(64, ge=1, le=100_000)
 
 
 class GatewayConfig(_Strict):

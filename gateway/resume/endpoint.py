@@ -19,7 +19,7 @@ import time
 
 from aiohttp import web
 
-from gateway.appkeys import RESUME_STORE, RUNTIME, TELEMETRY
+from gateway.appkeys import RESUME_READERS, RESUME_STORE, RUNTIME, TELEMETRY
 from gateway.auth import authenticate
 from gateway.errors import GatewayError, Kind
 from gateway.handler import REQUEST_ID
@@ -28,7 +28,7 @@ from gateway.ops import STREAM_ID_HEADER
 from gateway.providers import WIRE_APIS, caller_api
 from gateway.providers.base import ApiFamily
 from gateway.render import error_response
-from gateway.resume.store import StreamCut
+from gateway.resume.store import ReplayStore, StreamCut
 
 _log = get_logger("gateway.resume")
 _ID = re.compile(r"^gs_[A-Za-z0-9_-]{16,64}$")
@@ -93,7 +93,38 @@ async def resume_handler(request: web.Request) -> web.StreamResponse:
             f"offset {offset} is past the {meta.length} bytes this stream has relayed.",
             "range",
         )
+    readers = app[RESUME_READERS]
+    resume = runtime.config.resume
+    if (
+        readers.per_stream.get(stream_id, 0) >= resume.max_readers_per_stream
+        or readers.per_caller.get(caller.id, 0) >= resume.max_readers_per_caller
+    ):
+        metrics.child(metrics.stream_resumes, "busy").inc()
+        return error_response(
+            family,
+            GatewayError(
+                429,
+                Kind.RATE_LIMITED,
+                "Too many reattaches open at once for this stream or this caller "
+                "(resume.max_readers_per_stream / max_readers_per_caller).",
+                headers={"retry-after": "1"},
+            ),
+            request_id,
+        )
     metrics.child(metrics.stream_resumes, "ok").inc()
+    with readers.open(stream_id, caller.id):
+        return await _replay(request, store, stream_id, offset, family, request_id, caller.id)
+
+
+async def _replay(
+    request: web.Request,
+    store: ReplayStore,
+    stream_id: str,
+    offset: int,
+    family: ApiFamily,
+    request_id: str,
+    caller_id: str,
+) -> web.StreamResponse:
     response = web.StreamResponse(
         status=200,
         headers={
@@ -123,7 +154,7 @@ async def resume_handler(request: web.Request) -> web.StreamResponse:
         _log.info(
             "stream reattached",
             stream_id=stream_id,
-            caller=caller.id,
+            caller=caller_id,
             offset=offset,
             bytes_out=sent,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),

@@ -45,6 +45,7 @@ class _RedisRecorder:
         "_length",
         "_max",
         "_meta",
+        "_oversize_due",
         "_pending",
         "_store",
         "_ttl_s",
@@ -63,6 +64,7 @@ class _RedisRecorder:
         self._identity = identity  # caller, family: written with the first flush
         self._created = False
         self._cut = False
+        self._oversize_due = False
         self._ttl_s = ttl_s
         self._max = max_bytes
         self._data = data_key
@@ -80,7 +82,9 @@ class _RedisRecorder:
         if self._length > self._max:
             self._broken = True
             self._pending.clear()
-            self._store.spawn(self._mark_oversize(), "resume-oversize")
+            # Through the flush loop: after a flush in flight, never overwritten by it.
+            self._oversize_due = True
+            self._kick()
             return
         self._pending.append(data)
         self._kick()
@@ -104,7 +108,13 @@ class _RedisRecorder:
     async def _flush(self) -> None:
         store = self._store
         try:
-            while (self._pending or self._ended or not self._created) and not self._broken:
+            while True:
+                if self._oversize_due:
+                    self._oversize_due = False
+                    await self._mark_oversize()
+                    return
+                if self._broken or not (self._pending or self._ended or not self._created):
+                    return
                 await asyncio.sleep(0)  # gather this loop turn's chunks into one pipeline
                 batch, self._pending = self._pending, []
                 ending = self._ended and not self._pending
