@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,6 @@ import orjson
 import pytest
 from multidict import CIMultiDictProxy
 
-from gateway.bench.servers import free_port
 from gateway.fake import RequestRecord
 from tests.support import (
     CALLER_KEY,
@@ -36,7 +32,7 @@ from tests.support import (
     Served,
     base_config,
     deep_merge,
-    require_binary,
+    nginx_in_front,
     serve_gateway,
 )
 
@@ -314,75 +310,6 @@ async def test_a_dropped_stream_is_reattached_byte_exact(serve: Serve, fake: Fak
 
 
 # -- 2. the same through real nginx -----------------------------------------------------------
-
-SITE = Path(__file__).parents[2] / "deploy" / "nginx" / "gateway.conf"
-
-
-def site_for(gateway_port: int, listen_port: int) -> str:
-    """deploy/nginx/gateway.conf, pointed at the gateway and listening on loopback."""
-    text = SITE.read_text()
-    text, n_server = re.subn(
-        r"server 127\.0\.0\.1:8080;", f"server 127.0.0.1:{gateway_port};", text
-    )
-    text, n_listen = re.subn(r"listen 80;", f"listen 127.0.0.1:{listen_port};", text)
-    assert n_server == 1 and n_listen == 1, "deploy/nginx/gateway.conf changed shape"
-    return text
-
-
-@contextlib.asynccontextmanager
-async def nginx_in_front(gateway_url: str, directory: Path) -> AsyncIterator[str]:
-    """Real nginx with deploy/nginx/gateway.conf, proxying to `gateway_url`."""
-    binary = require_binary("nginx")
-    gateway_port = int(gateway_url.rsplit(":", 1)[1])
-    port = free_port()
-    directory.mkdir(exist_ok=True)
-    directory.chmod(0o755)
-    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (directory / sub).mkdir()
-        (directory / sub).chmod(0o777)
-    (directory / "site.conf").write_text(site_for(gateway_port, port))
-    user = "user root root;\n" if os.geteuid() == 0 else ""
-    (directory / "nginx.conf").write_text(
-        f"""{user}worker_processes 1;
-daemon off;
-pid {directory}/nginx.pid;
-error_log {directory}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {directory}/client_body;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
-    include {directory}/site.conf;
-}}
-"""
-    )
-    conf = [binary, "-p", str(directory), "-c", str(directory / "nginx.conf")]
-    check = subprocess.run([*conf, "-t"], capture_output=True, text=True, check=False)
-    assert check.returncode == 0, check.stderr
-    proc = subprocess.Popen(conf, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"nginx did not start: {(directory / 'error.log').read_text()}"
-                    ) from None
-                await asyncio.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            await asyncio.to_thread(proc.wait, 5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.server
