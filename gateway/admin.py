@@ -37,7 +37,8 @@ from gateway import __version__
 from gateway.appkeys import LIMITER, OPS, RUNTIME, TELEMETRY
 from gateway.config.runtime import Caller, Runtime
 from gateway.config.schema import AdminConfig
-from gateway.limits.base import Limiter, LimitSpec
+from gateway.limits.base import Limiter, LimiterUnavailable, LimitSpec
+from gateway.limits.budget import NANO, BudgetSpec, BudgetState
 from gateway.logs import get_logger
 from gateway.ops import Ops
 from gateway.report import Outcome
@@ -279,7 +280,46 @@ async def admin_limits(request: web.Request) -> web.Response:
         body["backend"] = standing.backend
         body["degraded"] = standing.degraded
         body["limits"] = _limit_views(spec, standing.usage)
+    budget = caller.budget
+    body["budgets"] = None
+    if budget is not None:
+        try:
+            state = await main[LIMITER].budget(caller_id, budget, 0, 0)  # reads, charges nothing
+        except LimiterUnavailable:
+            body["budgets"] = {"unavailable": True}
+        else:
+            body["budgets"] = _budget_views(budget, state)
     return _json(body)
+
+
+def _budget_views(spec: BudgetSpec, state: BudgetState) -> dict[str, Any]:
+    """Each budget set: limit, used, remaining, the window (UTC) and when it is whole again.
+    Costs in currency units, as configured."""
+    windows = state.windows
+    spec = spec.scaled(state.divisor)  # the local fallback's share while Redis is down
+    views: dict[str, Any] = {
+        "backend": state.backend,
+        "degraded": state.degraded,
+        "day": windows.day,
+        "month": windows.month,
+    }
+    for name, limit, used, ends, cost in (
+        ("tokens_per_day", spec.tokens_per_day, state.tokens_day, windows.day_end, False),
+        ("tokens_per_month", spec.tokens_per_month, state.tokens_month, windows.month_end, False),
+        ("cost_per_day", spec.cost_per_day, state.cost_day, windows.day_end, True),
+        ("cost_per_month", spec.cost_per_month, state.cost_month, windows.month_end, True),
+    ):
+        if limit is None:
+            continue
+        scale = NANO if cost else 1
+        views[name] = {
+            "limit": limit / scale if cost else limit,
+            "used": used / scale if cost else used,
+            "remaining": max(0, limit - used) / scale if cost else max(0, limit - used),
+            "spent": used >= limit,
+            "whole_again_in_s": round(ends - state.now, 3),
+        }
+    return views
 
 
 def _caller(

@@ -21,11 +21,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from gateway.budget import BudgetMeter, charge_answer, check
 from gateway.config.runtime import Deployment
 from gateway.edge import Request
 from gateway.errors import GatewayError, Kind
 from gateway.limits.base import Decision, Limiter, LimiterUnavailable, LimitSpec
+from gateway.limits.budget import BudgetState
+from gateway.providers.base import StreamFacts
 from gateway.report import Report
+from gateway.tasks import Tasks
 from gateway.telemetry import Telemetry, attrs, set_error
 
 _NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute"}
@@ -46,6 +50,27 @@ class Ticket:
     spec: LimitSpec | None = None
     # Provider budgets charged: (subject, spec, reserved tokens), one per attempt.
     provider_charges: list[tuple[str, LimitSpec, int]] = field(default_factory=list)
+    # The caller's spend budgets: its standing at admission, the deployment that answered
+    # (its pricing) and, for a stream, the meter charging it as it streams.
+    budget_state: BudgetState | None = None
+    deployment: Deployment | None = None
+    meter: BudgetMeter | None = None
+
+    def answered_by(self, deployment: Deployment, facts: StreamFacts | None) -> BudgetMeter | None:
+        """The answer comes from `deployment`; for a stream (`facts` of its first event) under
+        a budget, the meter the relay feeds (None without a budget)."""
+        self.deployment = deployment
+        state, spec = self.budget_state, self.request.caller.budget
+        if facts is None or state is None or spec is None:
+            return None
+        usage = facts.usage  # Anthropic's message_start counts the prompt
+        prompt = self.request.prompt_estimate
+        if usage is not None and usage.input_tokens is not None:
+            prompt = usage.input_tokens
+        self.meter = BudgetMeter(
+            self.limiter, self.request.caller.id, spec, state, deployment.pricing, prompt
+        )
+        return self.meter
 
     async def charge_provider(self, deployment: Deployment) -> float | None:
         """Charge `deployment`'s provider budget, if it has one. None when charged (or when
@@ -72,6 +97,8 @@ class Ticket:
         its reservation."""
         actual = report.used_tokens
         reached = report.upstream_status is not None
+        if self.budget_state is not None:
+            await self._settle_budget(report)
         if self.decision is not None and self.spec is not None:
             await self._settle_caller(self.decision, self.spec, report, actual, reached)
         # The charge of the attempt that answered: the last one of its provider (a hedged
@@ -88,6 +115,25 @@ class Ticket:
                 await self.limiter.reconcile(subject, spec, -reserved)
             elif actual is not None:
                 await self.limiter.reconcile(subject, spec, actual - reserved)
+
+    async def _settle_budget(self, report: Report) -> None:
+        spec = self.request.caller.budget
+        assert spec is not None
+        if self.meter is not None:
+            charged = await self.meter.close(report.final_usage, report.outcome == "ok")
+        elif self.deployment is not None and report.status is not None and report.status < 300:
+            price = self.deployment.pricing
+            charged = await charge_answer(
+                self.limiter,
+                self.request.caller.id,
+                spec,
+                price,
+                report.usage,
+                self.request.prompt_estimate,
+            )
+        else:
+            return  # no answer: nothing was generated
+        report.budget_tokens, report.budget_cost = charged
 
     async def _settle_caller(
         self, decision: Decision, spec: LimitSpec, report: Report, actual: int | None, reached: bool
@@ -114,6 +160,10 @@ async def admit(
     ticket, and settle everything on exit (shielded: a client that went away must not leak
     its slots or its tokens)."""
     ticket = Ticket(limiter, request)
+    budget = request.caller.budget
+    if budget is not None and request.endpoint.billed:
+        # First: a spent budget costs none of the per-minute limits.
+        ticket.budget_state = await check(limiter, request.caller.id, budget, report, tel)
     spec = request.caller.limits
     if spec is not None:
         if not request.parsed.stream and spec.concurrent_streams is not None:
@@ -130,8 +180,22 @@ async def admit(
     try:
         yield ticket
     finally:
-        if ticket.decision is not None or ticket.provider_charges:
-            await asyncio.shield(ticket.settle(report))
+        if (
+            ticket.decision is not None
+            or ticket.provider_charges
+            or ticket.budget_state is not None
+        ):
+            # A task of its own (kept until it ends): a client that goes away must not cut
+            # the settlement short and leak the caller's slots or its tokens.
+            settling = Tasks("admission").spawn(ticket.settle(report), "settle")
+            try:
+                await asyncio.shield(settling)
+            except asyncio.CancelledError:
+                # The client went away (aiohttp cancels the handler): the settlement goes on,
+                # and the request waits for it once, so that its access line has the figures
+                # (a second cancellation, a shutdown, leaves it running on its own).
+                await settling
+                raise
 
 
 async def _admit_caller(

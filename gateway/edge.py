@@ -81,6 +81,7 @@ class Request:
     caller: Caller
     route: Route
     estimate: int  # tokens the request may cost (its reservation under token limits)
+    prompt_estimate: int = 0  # of those, the prompt's (charged to a budget without usage)
 
     @property
     def endpoint(self) -> Endpoint:
@@ -134,13 +135,15 @@ class Edge:
                 )
             )
         route = resolve_route(runtime, caller, parsed)
-        if caller.limits is not None and WIRE_APIS[parsed.endpoint.family].injects_usage(
-            parsed, caller.limits
-        ):
+        spec = caller.limits
+        counted = caller.budget is not None or (
+            spec is not None and spec.tokens_per_minute is not None
+        )
+        if counted and WIRE_APIS[parsed.endpoint.family].injects_usage(parsed):
             parsed = dataclasses.replace(parsed, inject_usage=True)
         estimate = estimate_tokens(size, parsed, route)
         report.routed(route.name, estimate)
-        return Request(parsed, caller, route, estimate)
+        return Request(parsed, caller, route, estimate, prompt_estimate(size))
 
 
 def resolve_route(runtime: Runtime, caller: Caller, parsed: ParsedRequest) -> Route:
@@ -173,11 +176,16 @@ def resolve_route(runtime: Runtime, caller: Caller, parsed: ParsedRequest) -> Ro
     return route
 
 
+def prompt_estimate(body_bytes: int) -> int:
+    """About 4 bytes a token, JSON included: errs on the high side."""
+    return math.ceil(body_bytes / 4)
+
+
 def estimate_tokens(body_bytes: int, parsed: ParsedRequest, route: Route) -> int:
-    """Prompt estimate (about 4 bytes a token, JSON included: errs on the high side) plus the
-    output the request may produce: its effective output cap for every choice it asks for
-    (`n`, and legacy Completions' `best_of`, which are generated even when not returned)."""
-    prompt = math.ceil(body_bytes / 4)
+    """Prompt estimate (`prompt_estimate`) plus the output the request may produce: its
+    effective output cap for every choice it asks for (`n`, and legacy Completions'
+    `best_of`, which are generated even when not returned)."""
+    prompt = prompt_estimate(body_bytes)
     endpoint = parsed.endpoint
     if not endpoint.cap_fields:
         return prompt  # embeddings, count_tokens: no output tokens

@@ -25,6 +25,7 @@ class Kind(enum.Enum):
     TOO_LARGE = "too_large"
     REQUEST_TIMEOUT = "request_timeout"
     RATE_LIMITED = "rate_limited"
+    BUDGET_EXCEEDED = "budget_exceeded"  # a tier's day or month budget is spent
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_ERROR = "upstream_error"

@@ -25,7 +25,7 @@ from aiohttp import web
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from gateway.admission import admit
+from gateway.admission import Ticket, admit
 from gateway.appkeys import (
     HEDGES,
     HTTP_CLIENT,
@@ -40,6 +40,7 @@ from gateway.appkeys import (
 )
 from gateway.attempts import Attempts, Planner, Served
 from gateway.auth import authenticate
+from gateway.budget import BUDGET_HEADERS
 from gateway.config.runtime import Caller, Runtime
 from gateway.edge import BodyBudget, Edge, Request
 from gateway.errors import GatewayError, UpstreamFailure
@@ -92,7 +93,7 @@ class Handler:
                 planner = self._planner(req, report, app[RANDOM])
                 planner.queue_s = queue.max_wait_s
                 result = await attempts.run(planner, ticket.charge_provider)
-                return await self._answer(request, result, req, report, runtime)
+                return await self._answer(request, result, req, report, runtime, ticket)
         except GatewayError as err:
             return self._refused(request, err, report)
         except asyncio.CancelledError:
@@ -154,12 +155,14 @@ class Handler:
         req: Request,
         report: Report,
         runtime: Runtime,
+        ticket: Ticket,
     ) -> web.StreamResponse:
         if isinstance(result, Failure):
             return self._failed(result, report)
         answer = result.result
         try:
             if isinstance(answer, Reply):
+                ticket.answered_by(result.step.deployment, None)
                 response: web.StreamResponse = self._reply(answer, report)
             else:
                 # No attempt follows a committed stream: the caller's body (a long prompt) need
@@ -189,6 +192,7 @@ class Handler:
                     streams=request.app[OPS].streams,
                     recorder=recorder,
                     inject_ids=resume.enabled and resume.inject_ids,
+                    meter=ticket.answered_by(result.step.deployment, answer.facts),
                 )
                 keepalive_s = runtime.server.keepalive_comment_s
                 await owner.deliver(response, request.app[TELEMETRY], keepalive_s)
@@ -224,6 +228,9 @@ class Handler:
             close_after_response(request)
         if report.attempts:
             response.headers["x-gateway-attempts"] = str(report.attempts)
+        for name in BUDGET_HEADERS:  # what is left of the caller's budgets, refused or not
+            if name in report.extra_headers and name not in response.headers:
+                response.headers[name] = report.extra_headers[name]
         return response
 
     def _stamp(self, response: web.StreamResponse, report: Report) -> None:

@@ -139,6 +139,13 @@ class Metrics:
             ("result",),
             registry=r,
         )
+        self.budget_exceeded = Counter(
+            "llm_gateway_budget_exceeded",
+            "Spent budgets by tier and where they stopped a request: admission (a 429 "
+            "budget_exceeded) or stream (a stream cut mid-way with a budget_exceeded event).",
+            ("tier", "at"),
+            registry=r,
+        )
         self.limiter_decisions = Counter(
             "llm_gateway_limiter_decisions",
             "Limit decisions by backend (memory | redis | fallback = taken without Redis), "

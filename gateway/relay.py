@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from gateway.budget import BudgetMeter
 from gateway.edge import Request
 from gateway.errors import Kind
 from gateway.logs import get_logger
@@ -35,7 +36,7 @@ from gateway.render import terminal_event
 from gateway.report import Outcome, Report
 from gateway.resume.ids import IdInjector
 from gateway.resume.store import Recorder
-from gateway.sse import SSEError
+from gateway.sse import SSEDecoder, SSEError, event_ends
 from gateway.telemetry import Telemetry
 from gateway.upstream import OpenStream
 
@@ -186,6 +187,10 @@ class _Direct:
         return transport.get_write_buffer_size() > _HIGH_WATER
 
 
+def _observed(chunk: bytes, now: float) -> None:
+    """A metered stream's reads are observed before they are written (`StreamOwner._gate`)."""
+
+
 class StreamOwner:
     """Takes one committed stream from its held first event to its end. While it relays it is
     registered in `streams` under `stream_id` (the `x-gateway-stream-id` header the caller
@@ -202,6 +207,7 @@ class StreamOwner:
         streams: LiveStreams | None = None,
         recorder: Recorder | None = None,
         inject_ids: bool = False,
+        meter: BudgetMeter | None = None,
     ) -> None:
         self.request = request
         self.stream = stream
@@ -230,6 +236,10 @@ class StreamOwner:
         self._seen_first = False  # the first token has passed (quiet chunks are only counted)
         self._tail = b""  # the last bytes of the previous read (markers split over two reads)
         self._hot = False  # an event that matters may be completing: show the next events
+        # Under a spend budget every read is observed before it is written, event by event
+        # (`_gate`), and the stream ends after the event that spends the budget.
+        self.meter = meter
+        self._clean_cut = False  # cut at an event boundary the decoder did not see as one
 
     async def deliver(
         self, response: web.StreamResponse, tel: Telemetry, keepalive_s: float
@@ -241,6 +251,9 @@ class StreamOwner:
         report.streaming(self.stream.status, self.stream.facts)
         active = tel.metrics.child(tel.metrics.active_streams, report.model_label)
         streams = self.streams
+        meter = self.meter
+        if meter is not None:
+            meter.start(self._budget_spent)
         try:
             await response.prepare(self.request)
             self.state = State.COMMITTED
@@ -262,7 +275,13 @@ class StreamOwner:
                 self.recorder.end(cut=self._cut or self.state is State.ABORTED)
                 report.drained = self.draining
         report.streamed(end)
+        if end is Outcome.BUDGET_EXCEEDED and meter is not None:
+            tel.metrics.child(tel.metrics.budget_exceeded, meter.spec.tier, "stream").inc()
         return end
+
+    def _budget_spent(self) -> None:
+        """The shared figures say the budget is spent: end at the next event boundary."""
+        self.stop(Outcome.BUDGET_EXCEEDED)
 
     async def _relay(self, response: web.StreamResponse, keepalive_s: float) -> Outcome:
         if not await self._write_held(response):
@@ -285,7 +304,8 @@ class StreamOwner:
     async def _write_held(self, response: web.StreamResponse) -> bool:
         """The held first event (already scrubbed); False when the client is gone."""
         stream, report = self.stream, self.report
-        first = stream.held if self.stripper is None else self.stripper.feed(stream.held)
+        held = stream.held if self.meter is None else self._gate_held(stream.held)
+        first = held if self.stripper is None else self.stripper.feed(held)
         if self.injector is not None:
             first = self.injector.feed(first)
         if self.recorder is not None:
@@ -302,6 +322,91 @@ class StreamOwner:
             self._first_token()
             self._start_quiet(stream.held)
         return True
+
+    def _gate_held(self, held: bytes) -> bytes:
+        """The held first event(s), metered (the observer has seen them already): cut after
+        the content event that spends the budget."""
+        meter = self.meter
+        assert meter is not None
+        decoder = SSEDecoder()
+        size = self.stream.observer.content_size
+        if meter.roomy(len(held)):
+            try:
+                events = decoder.feed(held)
+            except SSEError:
+                return held
+            now = time.perf_counter()
+            for event in events:
+                chars = size(event)
+                if chars:
+                    meter.count(chars, now)
+            return held
+        start = 0
+        now = time.perf_counter()
+        for end in event_ends(held):
+            try:
+                events = decoder.feed(held[start:end])
+            except SSEError:
+                return held
+            for event in events:
+                chars = size(event)
+                if chars and meter.count(chars, now):
+                    if self._stop is None:
+                        self._stop = Outcome.BUDGET_EXCEEDED
+                    if end < len(held):
+                        self._clean_cut = True  # the stream's decoder saw what follows
+                    return held[:end]
+            start = end
+        return held
+
+    def _gate(self, chunk: bytes) -> bytes:
+        """A metered stream's read, observed before it is written: each content event is
+        counted, and the read is cut right after the event that spends the budget (what
+        follows is never sent). A read that cannot spend it is decoded whole."""
+        if not self.observing:
+            return chunk
+        meter = self.meter
+        assert meter is not None
+        now = time.perf_counter()
+        if meter.roomy(len(chunk) + self.stream.decoder.pending_bytes):
+            self._meter(chunk, now)
+            return chunk
+        start = 0
+        for end in event_ends(chunk):
+            if self._meter(chunk[start:end] if start or end < len(chunk) else chunk, now):
+                if self._stop is None:
+                    self._stop = Outcome.BUDGET_EXCEEDED
+                return chunk[:end]
+            if not self.observing:
+                return chunk
+            start = end
+        return chunk
+
+    def _meter(self, piece: bytes, now: float) -> bool:
+        """Decode `piece`, show its events to the observer and count their content; whether
+        a budget is spent."""
+        stream = self.stream
+        try:
+            events = stream.decoder.feed(piece)
+        except SSEError:
+            self.observing = False
+            return False
+        if not events:
+            return False
+        observer, facts, meter = stream.observer, stream.facts, self.meter
+        assert meter is not None
+        size = observer.content_size
+        spent = False
+        for event in events:
+            observer.on_event(event, now)
+            chars = size(event)
+            if chars and meter.count(chars, now):
+                spent = True
+        facts.last_event_at = now
+        if not self._seen_first and facts.first_token_at is not None:
+            self._seen_first = True
+            self._first_token()
+        return spent
 
     async def _pump(self, response: web.StreamResponse, keepalive_s: float) -> Outcome:
         """Relay upstream reads to the client until the upstream body ends (OK: classified
@@ -328,6 +433,9 @@ class StreamOwner:
         # time and the start of the next wait).
         content, write = self.stream.response.content, response.write
         stripper, observe = self.stripper, self._observe
+        gate = None
+        if self.meter is not None:
+            gate, observe = self._gate, _observed  # observed by the gate, before the write
         direct = _Direct.of(self.request, response) if self.out else None
         record = self.recorder.append if self.recorder is not None else None
         injector = self.injector
@@ -343,6 +451,8 @@ class StreamOwner:
                 resumed = False
                 chunk = await content.readany()
                 watchdog.waiting_since = None
+                if gate is not None and chunk:
+                    chunk = gate(chunk)
                 if stripper is None:
                     visible = chunk
                 else:
@@ -434,7 +544,7 @@ class StreamOwner:
     def _at_boundary(self) -> bool:
         """Between two events (False when the stream is not followed as SSE: never known)."""
         injector = self.injector
-        return (
+        return self._clean_cut or (
             self.observing
             and self.stream.decoder.at_boundary
             and (injector is None or injector.at_boundary)
@@ -559,7 +669,7 @@ class StreamOwner:
         if end in (Outcome.OK, Outcome.UPSTREAM_ERROR):
             # An upstream's in-band error already told the client, in the client's format.
             return await self._eof(response, end)
-        if self.observing and self.stream.decoder.at_boundary:
+        if self._clean_cut or (self.observing and self.stream.decoder.at_boundary):
             event = self._with_id(self._error_event(end))
             if self.recorder is not None:
                 self.recorder.append(event)
@@ -595,6 +705,15 @@ class StreamOwner:
         if end is Outcome.OPERATOR_CANCEL:
             kind = Kind.CANCELLED_BY_OPERATOR
             message = "An operator of this gateway ended the stream (cancelled_by_operator)."
+        elif end is Outcome.BUDGET_EXCEEDED:
+            kind = Kind.BUDGET_EXCEEDED
+            meter = self.meter
+            what = "cost" if meter is not None and meter.spent_by == "cost" else "token"
+            tier = meter.spec.tier if meter is not None else "?"
+            message = (
+                f"Budget exceeded: the {what} budget of tier '{tier}' is spent; the gateway "
+                "ended the stream (budget_exceeded)."
+            )
         elif end is Outcome.CHUNK_TIMEOUT:
             kind = Kind.UPSTREAM_TIMEOUT
             message = (

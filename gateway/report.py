@@ -46,6 +46,7 @@ class Outcome(enum.Enum):
     INVALID_REQUEST = "invalid_request"
     INTERNAL_ERROR = "internal_error"
     OPERATOR_CANCEL = "operator_cancel"  # ended from the admin listener
+    BUDGET_EXCEEDED = "budget_exceeded"  # refused, or a stream cut, for a spent budget
 
     @property
     def is_error(self) -> bool:
@@ -93,7 +94,8 @@ _BY_VALUE: dict[str, Outcome] = {o.value: o for o in Outcome}
 _BY_REASON: dict[str, Outcome] = {
     **{
         o.value: o
-        for o in _BROKEN_STREAMS | {Outcome.OK, Outcome.CLIENT_CANCEL, Outcome.OPERATOR_CANCEL}
+        for o in _BROKEN_STREAMS
+        | {Outcome.OK, Outcome.CLIENT_CANCEL, Outcome.OPERATOR_CANCEL, Outcome.BUDGET_EXCEEDED}
     },
     "authentication": Outcome.AUTH_FAILED,
     "permission": Outcome.FORBIDDEN,
@@ -137,6 +139,8 @@ class Report:
     # admission
     limiter: str | None = None  # ok | degraded | denied_<limit> | degraded_denied_<limit>
     reconciled: int | None = None  # tokens charged (+) or refunded (-) after the fact
+    budget_tokens: int | None = None  # charged to the caller's spend budgets
+    budget_cost: int | None = None  # nano-units charged to its cost budgets
     extra_headers: dict[str, str] = field(default_factory=dict)  # RateLimit headers
     # attempts
     attempts: int = 0

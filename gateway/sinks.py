@@ -9,6 +9,7 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
+from gateway.limits.budget import NANO
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.report import Outcome, Report
@@ -132,6 +133,8 @@ def access_log(r: Report, now: float) -> None:
         "queued_ms": round(r.queued_s * 1000, 3) if r.queued_s else None,
         "hedged": True if r.hedged else None,
         "hedge_won": r.hedge_won,
+        "budget_tokens": r.budget_tokens,
+        "budget_cost": round(r.budget_cost / NANO, 9) if r.budget_cost is not None else None,
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
     if r.usage is not None:

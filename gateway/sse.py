@@ -18,11 +18,12 @@ joined to it, and a single-line ``data`` payload is the line slice itself.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
-__all__ = ["SSEDecoder", "SSEError", "SSEEvent", "SSELineTooLong"]
+__all__ = ["SSEDecoder", "SSEError", "SSEEvent", "SSELineTooLong", "event_ends"]
 
 _BOM: Final = b"\xef\xbb\xbf"
 _LF: Final = 10
@@ -121,6 +122,11 @@ class SSEDecoder:
         which dispatches nothing.
         """
         return not (self._in_event or self._partial or self._bom_pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the event being assembled (its data so far and the pending line)."""
+        return len(self._partial) + sum(len(d) for d in self._data)
 
     @property
     def events(self) -> int:
@@ -295,6 +301,34 @@ class SSEDecoder:
         """Mark the decoder dead and raise; the caller stops observing but keeps relaying."""
         self._failed = True
         raise SSELineTooLong(message)
+
+
+# Two line ends in a row (CR, LF or CRLF each), overlapping matches included: every place a
+# blank line can end.
+_BLANK_LINE = re.compile(rb"(?=([\r\n](?:\r\n|[\r\n])))")
+
+
+def event_ends(chunk: bytes) -> list[int]:
+    """Offsets in `chunk` after which the decoder may have dispatched an event: every end of
+    a blank line, a line end opening the chunk (the previous read ended a line), and the
+    chunk's end. Feeding `chunk` piece by piece at these offsets shows which piece completed
+    which event (some pieces complete none); the result is the same as feeding it whole."""
+    if b"\r" in chunk:
+        ends = [m.start() + len(m.group(1)) for m in _BLANK_LINE.finditer(chunk)]
+    else:  # LF framing, by far the most common: one find per blank line
+        ends = []
+        find = chunk.find
+        at = find(b"\n\n")
+        while at >= 0:
+            ends.append(at + 2)
+            at = find(b"\n\n", at + 1)
+    if chunk[:1] in (b"\n", b"\r"):
+        first = 2 if chunk[:2] == b"\r\n" else 1
+        if not ends or ends[0] != first:
+            ends.insert(0, first)
+    if not ends or ends[-1] != len(chunk):
+        ends.append(len(chunk))
+    return ends
 
 
 def _bench(events: int = 300, rounds: int = 200) -> float:

@@ -234,6 +234,20 @@ class Served:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    async def access_lines(self, n: int, timeout_s: float = 10) -> list[dict[str, Any]]:
+        """The access lines (one per request, written once it was settled), as soon as there
+        are at least `n`; fails after `timeout_s`."""
+        import orjson
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [orjson.loads(x) for x in self.log_text().splitlines() if x.startswith("{")]
+            access = [x for x in lines if x.get("event") == "request"]
+            if len(access) >= n:
+                return access
+            assert time.monotonic() < deadline, f"{len(access)} access lines, expected {n}"
+            await asyncio.sleep(0.05)
+
     def rss_bytes(self, field: str = "VmRSS") -> int:
         """The process's resident set (VmRSS) or its peak so far (VmHWM), in bytes."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

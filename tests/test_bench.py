@@ -97,6 +97,45 @@ def test_packaged_config_validates_with_the_variables_the_bench_sets() -> None:
     assert all(limit is not None for limit in limits)
 
 
+def test_the_budget_targets_meter_a_caller_with_budgets_only() -> None:
+    fake = "http://127.0.0.1:9"
+    with resources.as_file(bench_config()) as path:
+        memory = validate_config(path, child_environment(fake, 8, ""))
+        shared = validate_config(
+            path, child_environment(fake, 8, "", redis_url="redis://127.0.0.1:7/0")
+        )
+    assert memory.state.backend == "memory"
+    assert (shared.state.backend, shared.state.redis_url) == ("redis", "redis://127.0.0.1:7/0")
+    assert KEYS["gateway-budget"] == KEYS["gateway-budget-redis"]
+    key = {k.sha256: k for k in memory.auth.api_keys}[sha(KEYS["gateway-budget"])]
+    assert key.tier is not None
+    tier = memory.tiers[key.tier]
+    # Budgets only (no per-minute limit), every one set and too high to run out.
+    assert tier.requests_per_minute is None and tier.tokens_per_minute is None
+    assert tier.budget is not None
+    assert tier.budget.tokens_per_day and tier.budget.tokens_per_day >= 10**12
+    assert tier.budget.cost_per_day and tier.budget.cost_per_day >= 10**5
+    # A cost budget: every deployment is priced (the loader refuses it otherwise).
+    for deployments in memory.models.values():
+        assert all(d.pricing is not None for d in deployments.deployments)
+
+
+@pytest.mark.server
+@pytest.mark.timeout(120)
+def test_the_budget_targets_run_in_memory_and_on_a_redis_server() -> None:
+    require_binary("redis-server")
+    targets = ("gateway", "gateway-budget", "gateway-budget-redis")
+    proc = _bench(
+        *("--concurrency", "2", "--gaps", "0", "--chunks", "5", "--streams", "12"),
+        *("--max-seconds", "20", "--targets", ",".join(targets)),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _table(proc.stdout)
+    assert [r["target"] for r in rows] == list(targets)
+    assert all(r["errors"] == "0" and r["streams"] == "12" for r in rows)
+    assert "budgets in a redis-server" in proc.stdout
+
+
 def _location_directives(conf: str) -> set[str]:
     """The directives of the `location / { ... }` block of an nginx config, one per line."""
     block = conf.split("location / {", 1)[1].split("}", 1)[0]

@@ -1116,3 +1116,82 @@ def test_admin_needs_a_token_of_16_characters() -> None:
     config = load(MINIMAL + 'admin: {port: 9090, token: "${TOKEN}"}\n', {"TOKEN": "t" * 16})
     assert config.admin is not None and config.admin.host == "127.0.0.1"
     assert load(MINIMAL).admin is None
+
+
+# --- spend budgets and pricing ---------------------------------------------------------------
+
+PRICED = MINIMAL.replace(
+    "- {provider: oa, model: gpt-upstream}",
+    "- {provider: oa, model: gpt-upstream, pricing: {input_per_mtok: 0.15, output_per_mtok: 0.6}}",
+)
+
+
+def test_a_budget_and_pricing_compile_to_integer_nano_units() -> None:
+    text = PRICED + dedent(
+        """\
+        tiers:
+          std:
+            budget: {tokens_per_day: 2000000, cost_per_day: 5.0, cost_per_month: 100}
+        auth: {default_tier: std}
+        """
+    )
+    runtime = runtime_of(text)
+    budget = runtime.tiers["std"].budget
+    assert budget is not None
+    assert (budget.tokens_per_day, budget.tokens_per_month) == (2_000_000, None)
+    assert (budget.cost_per_day, budget.cost_per_month) == (5 * 10**9, 100 * 10**9)
+    (deployment,) = runtime.routes["gpt"].deployments
+    assert deployment.pricing is not None
+    assert deployment.pricing.input_per_mtok == 150_000_000  # 0.15 per Mtok, in nano-units
+    assert deployment.pricing.output_per_mtok == 600_000_000
+    assert deployment.pricing.cost(1_000_000, 1_000_000) == 750_000_000
+
+
+def test_a_tier_without_a_budget_has_none_and_a_budget_only_tier_has_no_limits() -> None:
+    runtime = runtime_of(
+        MINIMAL + "tiers:\n  plain: {requests_per_minute: 5}\n"
+        "  metered: {budget: {tokens_per_month: 10}}\n"
+    )
+    assert runtime.tiers["plain"].budget is None
+    assert runtime.tiers["metered"].limits is None
+    assert runtime.tiers["metered"].budget is not None
+
+
+def test_an_empty_budget_is_refused() -> None:
+    message = error_of(MINIMAL + "tiers:\n  t: {budget: {}}\n")
+    assert "tiers.t.budget" in message and "at least one of" in message
+
+
+@pytest.mark.parametrize(
+    "budget",
+    ["{tokens_per_day: 0}", "{cost_per_day: 0}", "{cost_per_month: -1}", "{cost_per_day: 2000000}"],
+)
+def test_budget_values_out_of_range_are_refused(budget: str) -> None:
+    assert "tiers.t.budget" in error_of(MINIMAL + f"tiers:\n  t: {{budget: {budget}}}\n")
+
+
+def test_negative_prices_are_refused() -> None:
+    text = MINIMAL.replace(
+        "- {provider: oa, model: gpt-upstream}",
+        "- {provider: oa, model: gpt-upstream, pricing: {input_per_mtok: -1, output_per_mtok: 1}}",
+    )
+    assert "pricing.input_per_mtok" in error_of(text)
+
+
+def test_a_cost_budget_needs_a_price_on_every_deployment_it_reaches() -> None:
+    text = MINIMAL + "tiers:\n  t: {budget: {cost_per_day: 1}}\n"
+    message = runtime_error_of(text)
+    assert "tiers.t.budget" in message and "models.gpt[0]" in message
+    assert "oa/gpt-upstream" in message and "pricing" in message
+    # A token budget needs no prices; a cost budget limited to priced models is fine.
+    runtime_of(MINIMAL + "tiers:\n  t: {budget: {tokens_per_day: 1}}\n")
+    both = PRICED + dedent(
+        """\
+          cheap:
+            - {provider: oa, model: other}
+        tiers:
+          t: {budget: {cost_per_day: 1}, models: [gpt]}
+        """
+    )
+    runtime_of(both)
+    assert "models.cheap[0]" in runtime_error_of(both.replace(", models: [gpt]", ""))

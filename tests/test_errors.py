@@ -56,6 +56,9 @@ EXPECTED: dict[Kind, tuple[str, str | None, str]] = {
     Kind.TOO_LARGE: ("invalid_request_error", "request_too_large", "request_too_large"),
     Kind.REQUEST_TIMEOUT: ("invalid_request_error", "request_timeout", "invalid_request_error"),
     Kind.RATE_LIMITED: ("rate_limit_exceeded", "rate_limit_exceeded", "rate_limit_error"),
+    # The budget contract names it in both formats (OpenAI's code, Anthropic's type); the
+    # SDKs pick their exception by the HTTP status (429: RateLimitError), see SDK_CASES.
+    Kind.BUDGET_EXCEEDED: ("budget_exceeded", "budget_exceeded", "budget_exceeded"),
     Kind.UPSTREAM_UNAVAILABLE: ("server_error", "upstream_unavailable", "api_error"),
     Kind.UPSTREAM_TIMEOUT: ("server_error", "upstream_timeout", "timeout_error"),
     Kind.UPSTREAM_ERROR: ("server_error", "upstream_error", "api_error"),
@@ -95,7 +98,8 @@ def test_expected_table_covers_every_kind() -> None:
 @pytest.mark.parametrize("kind", ALL_KINDS, ids=lambda k: k.name)
 def test_kind_properties(kind: Kind) -> None:
     assert kind_names(kind) == EXPECTED[kind]
-    assert kind_names(kind)[2] in ANTHROPIC_ERROR_TYPES
+    if kind is not Kind.BUDGET_EXCEEDED:  # named by the budget contract (see EXPECTED)
+        assert kind_names(kind)[2] in ANTHROPIC_ERROR_TYPES
 
 
 # --- error_body ------------------------------------------------------------------------------
@@ -267,6 +271,7 @@ SDK_CASES: list[tuple[int, Kind, type[Exception], type[Exception]]] = [
     (405, Kind.METHOD_NOT_ALLOWED, openai.APIStatusError, anthropic.APIStatusError),
     (413, Kind.TOO_LARGE, openai.APIStatusError, anthropic.ContentTooLargeError),
     (429, Kind.RATE_LIMITED, openai.RateLimitError, anthropic.RateLimitError),
+    (429, Kind.BUDGET_EXCEEDED, openai.RateLimitError, anthropic.RateLimitError),
     (500, Kind.INTERNAL, openai.InternalServerError, anthropic.InternalServerError),
     (502, Kind.UPSTREAM_ERROR, openai.InternalServerError, anthropic.InternalServerError),
     (502, Kind.UPSTREAM_CREDENTIALS, openai.InternalServerError, anthropic.InternalServerError),

@@ -21,7 +21,7 @@ import aiohttp
 
 import gateway
 from gateway.bench import nginx
-from gateway.bench.servers import free_ports
+from gateway.bench.servers import RedisServer, ServerStartError, find_binary, free_ports
 from gateway.bench.settings import BenchError
 from gateway.config import ConfigError, GatewayConfig, load_config
 
@@ -31,7 +31,13 @@ STOP_TIMEOUT_S = 5.0
 # site-packages when installed): the children run there, so `-m gateway` is the same code.
 _IMPORT_ROOT = Path(gateway.__file__).resolve().parent.parent
 # Where each target is polled until it answers 200 (nginx: the fake's route, through it).
-_READY_PATHS = {"nginx": "/v1/models", "gateway": "/healthz", "gateway-prod": "/healthz"}
+_READY_PATHS = {
+    "nginx": "/v1/models",
+    "gateway": "/healthz",
+    "gateway-prod": "/healthz",
+    "gateway-budget": "/healthz",
+    "gateway-budget-redis": "/healthz",
+}
 
 
 # --- the gateway's config ------------------------------------------------------------------
@@ -45,18 +51,27 @@ def bench_config() -> Traversable:
 
 
 def child_environment(
-    fake_url: str, gateway_port: int, otlp_endpoint: str, production: bool = False
+    fake_url: str,
+    gateway_port: int,
+    otlp_endpoint: str,
+    production: bool = False,
+    redis_url: str = "",
 ) -> dict[str, str]:
     """The environment of a child: this process's, plus what `bench.yaml` refers to (an empty
-    `otlp_endpoint`: no export). `production`: the JSON access log on, at level info."""
-    return {
+    `otlp_endpoint`: no export). `production`: the JSON access log on, at level info.
+    `redis_url`: the limits and budgets in that Redis (empty: in memory)."""
+    env = {
         **os.environ,
         "BENCH_FAKE_URL": fake_url,
         "BENCH_GATEWAY_PORT": str(gateway_port),
         "BENCH_OTLP_ENDPOINT": otlp_endpoint,
         "BENCH_ACCESS_LOG": "true" if production else "false",
         "BENCH_LOG_LEVEL": "info" if production else "warning",
+        "BENCH_STATE_BACKEND": "redis" if redis_url else "memory",
     }
+    if redis_url:
+        env["BENCH_REDIS_URL"] = redis_url
+    return env
 
 
 def validate_config(path: Path, env: Mapping[str, str]) -> GatewayConfig:
@@ -160,9 +175,13 @@ def running_services(layout: Layout) -> Iterator[Services]:
     fake_port, *ports = free_ports(1 + len(proxies))
     fake_url = f"http://127.0.0.1:{fake_port}"
     started: list[Service] = []
-    with resources.as_file(bench_config()) as config:
+    with contextlib.ExitStack() as stack:
+        config = stack.enter_context(resources.as_file(bench_config()))
+        redis_url = ""
+        if "gateway-budget-redis" in proxies:
+            redis_url = stack.enter_context(_redis(layout.directory))
         plans = [
-            _plan(name, port, fake_port, layout, config)
+            _plan(name, port, fake_port, layout, config, redis_url)
             for name, port in zip(proxies, ports, strict=True)
         ]
         try:
@@ -190,7 +209,28 @@ class _Plan:
     url: str
 
 
-def _plan(name: str, port: int, fake_port: int, layout: Layout, config: Path) -> _Plan:
+@contextlib.contextmanager
+def _redis(directory: Path) -> Iterator[str]:
+    """A redis-server on a free loopback port until the block ends (its URL). Raises
+    BenchError when there is none to run."""
+    binary = find_binary("redis-server")
+    if binary is None:
+        raise BenchError("gateway-budget-redis needs redis-server on PATH")
+    (directory / "redis").mkdir(exist_ok=True)
+    server = RedisServer(binary, directory / "redis")
+    try:
+        try:
+            server.start()
+        except ServerStartError as exc:
+            raise BenchError(f"redis-server did not start: {exc}") from None
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _plan(
+    name: str, port: int, fake_port: int, layout: Layout, config: Path, redis_url: str = ""
+) -> _Plan:
     """How to start one proxy target; its config written and checked by nginx -t (nginx) or
     validated by the gateway's loader (the gateways) first. Raises BenchError."""
     fake_url = f"http://127.0.0.1:{fake_port}"
@@ -201,7 +241,13 @@ def _plan(name: str, port: int, fake_port: int, layout: Layout, config: Path) ->
         conf = nginx.write_config(layout.directory / "nginx", log, port, fake_port, layout.streams)
         nginx.check_config(binary, conf, log)
         return _Plan(name, nginx.nginx_argv(binary, conf, log), dict(os.environ), url)
-    env = child_environment(fake_url, port, layout.otlp_endpoint, name == "gateway-prod")
+    env = child_environment(
+        fake_url,
+        port,
+        layout.otlp_endpoint,
+        name == "gateway-prod",
+        redis_url if name == "gateway-budget-redis" else "",
+    )
     validate_config(config, env)
     return _Plan(
         name, gateway_argv("serve", "--config", str(config), "--port", str(port)), env, url

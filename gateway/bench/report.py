@@ -94,6 +94,16 @@ _TARGET_TEXT = {
         "chunk and strip it from the client's stream, so the fake sends one event more (one "
         "upstream gap more before [DONE])"
     ),
+    "gateway-budget": (
+        "gateway-budget = `gateway serve` on bench.yaml, access log off, a caller whose tier has "
+        "only spend budgets (tokens and cost, per day and month, too high to run out), kept in "
+        "memory: every read is decoded and each content event parsed and charged before it is "
+        "written, and the gateway asks upstream for the usage chunk (one event more)"
+    ),
+    "gateway-budget-redis": (
+        "gateway-budget-redis = the same with the budgets in a redis-server on loopback (one "
+        "charge in flight per stream, pipelined per loop turn)"
+    ),
 }
 
 

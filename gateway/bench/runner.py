@@ -49,6 +49,8 @@ KEYS = {
     "nginx": "sk-bench-direct",  # nginx passes the client's Authorization on to the fake
     "gateway": "demo-key-not-secret",  # a caller without limits
     "gateway-prod": "bench-prod-key-not-secret",  # a caller in the limited tier
+    "gateway-budget": "bench-budget-key-not-secret",  # a caller with spend budgets
+    "gateway-budget-redis": "bench-budget-key-not-secret",
 }
 _T = TypeVar("_T")
 

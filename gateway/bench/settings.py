@@ -9,8 +9,16 @@ from dataclasses import dataclass
 WARMUP_STREAMS = 20
 WARMUP_CONCURRENCY = 5
 # What a run can be sent to: the fake provider itself, nginx in front of it, the gateway with
-# quiet logging and no limits, and the gateway with production features on.
-TARGETS = ("direct", "nginx", "gateway", "gateway-prod")
+# quiet logging and no limits, the gateway with production features on, and the quiet gateway
+# metering every stream against spend budgets (in memory, and in a redis-server).
+TARGETS = (
+    "direct",
+    "nginx",
+    "gateway",
+    "gateway-prod",
+    "gateway-budget",
+    "gateway-budget-redis",
+)
 PROXIES = TARGETS[1:]
 SWEEP_TARGETS = ("direct", "nginx", "gateway")
 SOAK_TARGETS = ("gateway",)

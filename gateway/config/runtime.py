@@ -18,6 +18,7 @@ from yarl import URL
 
 from gateway.config.loader import ConfigError
 from gateway.config.schema import (
+    BudgetConfig,
     GatewayConfig,
     HedgeConfig,
     RetryConfig,
@@ -29,6 +30,7 @@ from gateway.config.schema import (
 )
 from gateway.keypool import InFlight, KeyHealth, KeyPool, UpstreamKey, fingerprint
 from gateway.limits.base import LimitSpec
+from gateway.limits.budget import BudgetSpec, Pricing, to_nano
 from gateway.providers import WIRE_APIS
 from gateway.providers.base import ApiFamily
 from gateway.state import HealthStore, MemoryHealthStore
@@ -44,6 +46,7 @@ class Caller:
     tier: str | None = None
     limits: LimitSpec | None = None  # None = unlimited
     priority: int = 0  # in the upstream-capacity queue (the tier's)
+    budget: BudgetSpec | None = None  # the tier's spend budgets (None = none)
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -55,6 +58,7 @@ class Tier:
     limits: LimitSpec | None
     models: frozenset[str] | None
     priority: int = 0
+    budget: BudgetSpec | None = None
 
 
 def make_caller(caller_id: str, tier: Tier | None, models: Iterable[str] | None) -> Caller:
@@ -68,6 +72,7 @@ def make_caller(caller_id: str, tier: Tier | None, models: Iterable[str] | None)
         tier=tier.name if tier else None,
         limits=tier.limits if tier else None,
         priority=tier.priority if tier else 0,
+        budget=tier.budget if tier else None,
     )
 
 
@@ -113,6 +118,7 @@ class Deployment:
     provider: ProviderSpec
     model: str  # the upstream's model name
     pool: KeyPool = field(repr=False)
+    pricing: Pricing | None = None
 
     @property
     def server_address(self) -> str | None:
@@ -193,6 +199,32 @@ def _retry(model: str, base: RetryConfig, override: RetryOverride) -> RetryPolic
         max_retry_after_s=values["max_retry_after_s"],
         deadline_s=values["deadline_s"],
     )
+
+
+def _budget(
+    tier: str, budget: BudgetConfig | None, models: tuple[str, ...] | None, routes: dict[str, Route]
+) -> BudgetSpec | None:
+    """A tier's budgets. A cost budget needs a price for every deployment it may reach: an
+    unpriced one would be spent for free."""
+    if budget is None:
+        return None
+    spec = BudgetSpec(
+        tier,
+        budget.tokens_per_day,
+        budget.tokens_per_month,
+        to_nano(budget.cost_per_day),
+        to_nano(budget.cost_per_month),
+    )
+    if spec.has_cost:
+        for name in models if models is not None else sorted(routes):
+            for i, d in enumerate(routes[name].deployments):
+                if d.pricing is None:
+                    raise ConfigError(
+                        f"tiers.{tier}.budget has a cost budget, but models.{name}[{i}] "
+                        f"({d.provider.name}/{d.model}) has no pricing (give it "
+                        "pricing: {input_per_mtok, output_per_mtok}; 0 for a free one)"
+                    )
+    return spec
 
 
 def build_runtime(
@@ -281,7 +313,14 @@ def build_runtime(
                     f"models.{model_name}[{i}]: provider {d.provider!r} is not defined "
                     f"(known: {', '.join(sorted(providers))})"
                 )
-            deployments.append(Deployment(providers[d.provider], d.model, pools[d.provider]))
+            pricing = (
+                Pricing.of(d.pricing.input_per_mtok, d.pricing.output_per_mtok)
+                if d.pricing is not None
+                else None
+            )
+            deployments.append(
+                Deployment(providers[d.provider], d.model, pools[d.provider], pricing)
+            )
         families = {d.provider.api for d in deployments}
         if len(families) > 1:
             raise ConfigError(
@@ -320,6 +359,7 @@ def build_runtime(
             limits=None if limit_spec.empty else limit_spec,
             models=frozenset(t.models) if t.models is not None else None,
             priority=t.priority,
+            budget=_budget(name, t.budget, t.models, routes),
         )
     default_tier = config.auth.default_tier
     if default_tier is not None and default_tier not in tiers:

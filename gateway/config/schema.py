@@ -335,9 +335,17 @@ class PolicyOverride(_Strict):
     hedge: HedgeConfig | None = None
 
 
+class PricingConfig(_Strict):
+    """What a deployment's tokens cost, in one currency (the one the cost budgets use)."""
+
+    input_per_mtok: float = Field(ge=0, le=100_000)  # per million prompt tokens
+    output_per_mtok: float = Field(ge=0, le=100_000)  # per million output tokens
+
+
 class DeploymentConfig(_Strict):
     provider: Identifier
     model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    pricing: PricingConfig | None = None  # needed by every model a cost budget covers
 
 
 class ModelConfig(_Strict):
@@ -375,6 +383,31 @@ class TelemetryConfig(_Strict):
         return value
 
 
+class BudgetConfig(_Strict):
+    """Spend per UTC calendar day and month; each omitted budget is unlimited. Costs are in
+    the currency of the deployments' `pricing`."""
+
+    tokens_per_day: int | None = Field(None, ge=1, le=1_000_000_000_000_000)
+    tokens_per_month: int | None = Field(None, ge=1, le=1_000_000_000_000_000)
+    # At most a million units: nano-unit sums stay exact in Redis' Lua (doubles).
+    cost_per_day: float | None = Field(None, gt=0, le=1_000_000)
+    cost_per_month: float | None = Field(None, gt=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _something(self) -> BudgetConfig:
+        if (
+            self.tokens_per_day is None
+            and self.tokens_per_month is None
+            and self.cost_per_day is None
+            and self.cost_per_month is None
+        ):
+            raise ValueError(
+                "set at least one of tokens_per_day, tokens_per_month, cost_per_day, "
+                "cost_per_month (or leave the budget out)"
+            )
+        return self
+
+
 class TierConfig(_Strict):
     """Per-caller limits; each omitted limit is unlimited."""
 
@@ -385,6 +418,7 @@ class TierConfig(_Strict):
     concurrent_requests: int | None = Field(None, ge=1, le=1_000_000)
     models: tuple[str, ...] | None = None  # None = every model
     priority: int = Field(0, ge=-1000, le=1000)  # in the upstream-capacity queue: higher first
+    budget: BudgetConfig | None = None
 
 
 class StateConfig(_Strict):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.limits.budget import BudgetSpec, BudgetState, Windows
+
 PERIOD_S = 60.0  # every limit is per minute
 
 
@@ -128,5 +130,14 @@ class Limiter(Protocol):
     async def peek(self, subject: str, spec: LimitSpec) -> Standing:
         """What `subject` has left of each limit of `spec` now, charging nothing (the admin
         listener's view). Does not raise for a backend failure (`degraded` says so)."""
+
+    async def budget(
+        self, subject: str, spec: BudgetSpec, tokens: int, cost: int, at: Windows | None = None
+    ) -> BudgetState:
+        """Charge `tokens` and `cost` (nano-units; negative refunds, 0 and 0 only reads) to
+        `subject`'s current UTC day and month at once (or to the windows `at`: a stream's last
+        correction goes where its charges went), and return what each has used after it.
+        The windows follow this instance's UTC clock. Raises LimiterUnavailable (the
+        shared backend is down and the mode is fail_closed)."""
 
     async def close(self) -> None: ...

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from gateway.limits.base import PERIOD_S, Decision, Lease, LimitSpec, Standing, Usage
+from gateway.limits.budget import WINDOW_GRACE_S, BudgetSpec, BudgetState, WindowClock, Windows
 from gateway.limits.gcra import adjust, gcra
 
 
@@ -14,10 +15,21 @@ class MemoryLimiter:
     """Exact within one process. Subjects are caller ids; state expires with its budget."""
 
     def __init__(
-        self, *, clock: Callable[[], float] = time.monotonic, name: str = "memory"
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        name: str = "memory",
     ) -> None:
+        """`clock` times the per-minute limits; `wall` (unix seconds) places the budgets'
+        calendar windows."""
         self.name = name
         self._clock = clock
+        self._wall = wall
+        self._windows = WindowClock()
+        # Budget counters: (subject, window) -> [tokens, cost, expires at (unix s)].
+        self._budgets: dict[tuple[str, str], list[int]] = {}
+        self._budget_ops = 0
         self._lease_ids = itertools.count(1)
         self._tat: dict[str, float] = {}
         self._leases: dict[str, dict[str, float]] = {}
@@ -151,6 +163,43 @@ class MemoryLimiter:
             if expires <= now:
                 del held[lease_id]
         return held
+
+    async def budget(
+        self, subject: str, spec: BudgetSpec, tokens: int, cost: int, at: Windows | None = None
+    ) -> BudgetState:
+        return self.budget_now(subject, tokens, cost, at)
+
+    def budget_now(
+        self, subject: str, tokens: int, cost: int, at: Windows | None = None
+    ) -> BudgetState:
+        """`budget` without awaiting."""
+        now = self._wall()
+        windows = at if at is not None else self._windows.at(now)
+        self._budget_gc(now)
+        used = []
+        for window, ends in (
+            ("d" + windows.day, windows.day_end),
+            ("m" + windows.month, windows.month_end),
+        ):
+            key = (subject, window)
+            counters = self._budgets.get(key)
+            if counters is None:
+                if not tokens and not cost:
+                    used.append((0, 0))
+                    continue
+                counters = self._budgets[key] = [0, 0, int(ends + WINDOW_GRACE_S)]
+            counters[0] += tokens
+            counters[1] += cost
+            used.append((counters[0], counters[1]))
+        (tokens_day, cost_day), (tokens_month, cost_month) = used
+        return BudgetState(windows, tokens_day, cost_day, tokens_month, cost_month, self.name, now)
+
+    def _budget_gc(self, now: float) -> None:
+        self._budget_ops += 1
+        if self._budget_ops & 1023:
+            return
+        for key in [k for k, v in self._budgets.items() if v[2] <= now]:
+            del self._budgets[key]
 
     async def close(self) -> None:
         return None

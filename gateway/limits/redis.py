@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -51,6 +52,7 @@ from gateway.limits.base import (
     Standing,
     Usage,
 )
+from gateway.limits.budget import WINDOW_GRACE_S, BudgetSpec, BudgetState, WindowClock, Windows
 from gateway.limits.memory import MemoryLimiter
 from gateway.logs import get_logger
 from gateway.tasks import Tasks
@@ -193,6 +195,26 @@ end
 return out
 """
 
+# KEYS: the subject's budget hash of the current day, then of the current month.
+# ARGV: tokens, cost (nano-units; both 0: read only), the day's and the month's expiry (unix ms).
+# Charges both windows at once; returns tokens and cost used in the day, then in the month.
+_BUDGET = """
+local out = {}
+local charge = ARGV[1] ~= '0' or ARGV[2] ~= '0'
+for i = 1, 2 do
+  if charge then
+    out[2 * i - 1] = redis.call('HINCRBY', KEYS[i], 't', ARGV[1])
+    out[2 * i] = redis.call('HINCRBY', KEYS[i], 'c', ARGV[2])
+    redis.call('PEXPIREAT', KEYS[i], ARGV[2 + i])
+  else
+    local v = redis.call('HMGET', KEYS[i], 't', 'c')
+    out[2 * i - 1] = tonumber(v[1]) or 0
+    out[2 * i] = tonumber(v[2]) or 0
+  end
+end
+return out
+"""
+
 _NAMES = {1: "rpm", 2: "tpm", 3: "concurrency", 4: "requests"}
 _FAILURES = (RedisError, OSError, TimeoutError)
 _PERIOD_MS = int(PERIOD_S * 1000)
@@ -223,6 +245,7 @@ _ADMIT_SCRIPT = _Script.of(_ADMIT)
 _SETTLE_SCRIPT = _Script.of(_SETTLE)
 _RENEW_SCRIPT = _Script.of(_RENEW)
 _PEEK_SCRIPT = _Script.of(_PEEK)
+_BUDGET_SCRIPT = _Script.of(_BUDGET)
 
 
 def redis_client(url: str, socket_timeout_s: float) -> aioredis.Redis:
@@ -404,6 +427,7 @@ class RedisLimiter:
         # without a random draw per request).
         self._lease_ids = map(f"{secrets.token_hex(8)}-{{}}".format, itertools.count())
         self._held: dict[str, Lease] = {}
+        self._windows = WindowClock()
         self._renewer: asyncio.Task[None] | None = None
         # Counters (exported as metrics): decisions taken without Redis, Redis errors.
         self.degraded_decisions = 0
@@ -604,6 +628,38 @@ class RedisLimiter:
             if limit is not None:
                 usage.append(Usage(name, limit, max(0, limit - held), 0.0))
         return Standing(tuple(usage), self.name)
+
+    async def budget(
+        self, subject: str, spec: BudgetSpec, tokens: int, cost: int, at: Windows | None = None
+    ) -> BudgetState:
+        now = time.time()
+        windows = at if at is not None else self._windows.at(now)
+        if self.redis_up:
+            tag = f"{self._prefix}:{{{subject}}}:bud"
+            try:
+                out = await self._batcher.call(
+                    _BUDGET_SCRIPT,
+                    (
+                        2,
+                        f"{tag}:d:{windows.day}",
+                        f"{tag}:m:{windows.month}",
+                        tokens,
+                        cost,
+                        int((windows.day_end + WINDOW_GRACE_S) * 1000),
+                        int((windows.month_end + WINDOW_GRACE_S) * 1000),
+                    ),
+                )
+            except _FAILURES as exc:
+                self._failed(exc, "budget")
+            else:
+                tokens_day, cost_day, tokens_month, cost_month = (int(v) for v in out)
+                return BudgetState(
+                    windows, tokens_day, cost_day, tokens_month, cost_month, self.name, now
+                )
+        if not self._fail_open:
+            raise LimiterUnavailable("the shared limiter (Redis) is unavailable")
+        local = self._fallback.budget_now(subject, tokens, cost, at)
+        return dataclasses.replace(local, degraded=True, divisor=self._instances)
 
     async def ping(self) -> bool:
         try:

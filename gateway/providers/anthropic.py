@@ -19,13 +19,13 @@ from gateway.providers.base import (
     Usage,
     as_int,
     short,
+    text_size,
 )
 from gateway.providers.common import base_headers, rewritten_body, upstream_request
 from gateway.sse import SSEEvent
 
 if TYPE_CHECKING:
     from gateway.config.runtime import ProviderSpec
-    from gateway.limits.base import LimitSpec
 
 
 def _loads(data: bytes) -> dict[str, Any] | None:
@@ -118,6 +118,23 @@ class MessagesObserver:
     def next_sequence_number(self) -> int:
         return 0  # Messages events are not numbered
 
+    def content_size(self, event: SSEEvent) -> int:
+        name = event.event
+        if name and name != "content_block_delta":
+            return 0
+        obj = _loads(event.data)
+        if obj is None or (not name and obj.get("type") != "content_block_delta"):
+            return 0
+        delta = obj.get("delta")
+        if not isinstance(delta, dict):
+            return 0
+        # text_delta, input_json_delta (tool input), thinking_delta.
+        return (
+            text_size(delta.get("text"))
+            + text_size(delta.get("partial_json"))
+            + text_size(delta.get("thinking"))
+        )
+
     def on_end(self) -> None:
         return None
 
@@ -145,6 +162,7 @@ ENDPOINTS = (
         upstream_path="/v1/messages/count_tokens",
         operation="count_tokens",
         streams=False,
+        billed=False,
     ),
 )
 
@@ -160,6 +178,7 @@ _ERRORS: dict[Kind, str] = {
     Kind.TOO_LARGE: "request_too_large",
     Kind.REQUEST_TIMEOUT: "invalid_request_error",
     Kind.RATE_LIMITED: "rate_limit_error",
+    Kind.BUDGET_EXCEEDED: "budget_exceeded",
     Kind.UPSTREAM_UNAVAILABLE: "api_error",
     Kind.UPSTREAM_TIMEOUT: "timeout_error",
     Kind.UPSTREAM_ERROR: "api_error",
@@ -224,7 +243,7 @@ class AnthropicApi:
         )
         return b"event: error\ndata: " + payload + b"\n\n"
 
-    def injects_usage(self, parsed: ParsedRequest, limits: LimitSpec | None) -> bool:
+    def injects_usage(self, parsed: ParsedRequest) -> bool:
         return False  # every Messages stream carries its usage
 
     def usage_stripper(self) -> Stripper:

@@ -24,7 +24,6 @@ from gateway.sse import SSEEvent
 if TYPE_CHECKING:
     from gateway.config.runtime import ProviderSpec
     from gateway.errors import Kind
-    from gateway.limits.base import LimitSpec
 
 
 class ApiFamily(enum.Enum):
@@ -80,6 +79,11 @@ class StreamObserver(Protocol):
         """The number an event the gateway appends now must carry, for APIs that number their
         events (the Responses API); 0 for the others."""
 
+    def content_size(self, event: SSEEvent) -> int:
+        """Characters of generated output `event` carries (text, reasoning, refusals, tool
+        names and arguments); 0 when it carries none. It may parse the event: only streams
+        metered against a budget ask."""
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -96,6 +100,7 @@ class Endpoint:
     choice_fields: tuple[str, ...] = ()
     observer: Callable[[], StreamObserver] | None = None
     is_responses: bool = False  # OpenAI Responses API (its own error event shape)
+    billed: bool = True  # the provider charges for it (count_tokens is free: no budget applies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +163,9 @@ class WireApi(Protocol):
     def terminal_event(self, endpoint: Endpoint, kind: Kind, message: str, sequence: int) -> bytes:
         """The one final SSE error event the gateway writes into a committed stream."""
 
-    def injects_usage(self, parsed: ParsedRequest, limits: LimitSpec | None) -> bool:
-        """Whether the gateway asks upstream for usage the caller did not ask for."""
+    def injects_usage(self, parsed: ParsedRequest) -> bool:
+        """Whether the gateway asks upstream for usage the caller did not ask for (asked only
+        for a caller whose tokens are counted: a tokens-per-minute limit or a budget)."""
 
     def usage_stripper(self) -> Stripper:
         """What removes that injected usage again (only called when `injects_usage`)."""
@@ -176,6 +182,11 @@ def as_int(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     return None
+
+
+def text_size(value: object) -> int:
+    """The length of a JSON string value, 0 for anything else."""
+    return len(value) if isinstance(value, str) else 0
 
 
 def short(value: object, limit: int = 200) -> str | None:

@@ -18,13 +18,13 @@ from gateway.providers.base import (
     Usage,
     as_int,
     short,
+    text_size,
 )
 from gateway.providers.common import base_headers, rewritten_body, upstream_request
 from gateway.sse import SSEEvent
 
 if TYPE_CHECKING:
     from gateway.config.runtime import ProviderSpec
-    from gateway.limits.base import LimitSpec
 
 _DONE = b"[DONE]"
 # Substring probes on the raw event: OpenAI sends compact JSON, so a chunk that carries a
@@ -64,6 +64,30 @@ def _usage(obj: Any) -> Usage | None:
         output_tokens=as_int(obj.get("completion_tokens", obj.get("output_tokens"))),
         cache_read_input_tokens=cached,
     )
+
+
+_DELTA_TEXT = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+def _delta_size(delta: Any) -> int:
+    """Characters of output in one chat delta (text, reasoning, refusal, tool calls)."""
+    if not isinstance(delta, dict):
+        return 0
+    size = 0
+    for name in _DELTA_TEXT:
+        size += text_size(delta.get(name))
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            if isinstance(call, dict):
+                size += _function_size(call.get("function"))
+    return size + _function_size(delta.get("function_call"))
+
+
+def _function_size(function: Any) -> int:
+    if not isinstance(function, dict):
+        return 0
+    return text_size(function.get("name")) + text_size(function.get("arguments"))
 
 
 def _has_content(delta: Any) -> bool:
@@ -126,6 +150,23 @@ class ChatObserver:
 
     def next_sequence_number(self) -> int:
         return 0  # Chat and Completions events are not numbered
+
+    def content_size(self, event: SSEEvent) -> int:
+        data = event.data
+        if data == _DONE:
+            return 0
+        obj = _loads(data)
+        choices = obj.get("choices") if obj is not None else None
+        if not isinstance(choices, list):
+            return 0
+        size = 0
+        for choice in choices:
+            if isinstance(choice, dict):
+                if self._text:
+                    size += text_size(choice.get("text"))
+                else:
+                    size += _delta_size(choice.get("delta"))
+        return size
 
     def on_end(self) -> None:
         facts = self.facts
@@ -244,6 +285,17 @@ class ResponsesObserver:
 
     def quiet(self, window: bytes) -> bool:
         return not any(marker in window for marker in _RESPONSES_MARKERS)
+
+    def content_size(self, event: SSEEvent) -> int:
+        # Every output delta (text, refusal, reasoning, tool-call arguments) is a
+        # `response.*.delta` event with a string `delta`.
+        name = event.event
+        if name and not name.endswith(".delta"):
+            return 0
+        obj = _loads(event.data)
+        if obj is None or (not name and not str(obj.get("type", "")).endswith(".delta")):
+            return 0
+        return text_size(obj.get("delta"))
 
     def skip(self, events: list[SSEEvent]) -> None:
         self.facts.events += len(events)
@@ -380,6 +432,7 @@ _ERRORS: dict[Kind, tuple[str, str | None]] = {
     Kind.TOO_LARGE: ("invalid_request_error", "request_too_large"),
     Kind.REQUEST_TIMEOUT: ("invalid_request_error", "request_timeout"),
     Kind.RATE_LIMITED: ("rate_limit_exceeded", "rate_limit_exceeded"),
+    Kind.BUDGET_EXCEEDED: ("budget_exceeded", "budget_exceeded"),
     Kind.UPSTREAM_UNAVAILABLE: ("server_error", "upstream_unavailable"),
     Kind.UPSTREAM_TIMEOUT: ("server_error", "upstream_timeout"),
     Kind.UPSTREAM_ERROR: ("server_error", "upstream_error"),
@@ -455,10 +508,10 @@ class OpenAIApi:
             return b"event: error\ndata: " + payload + b"\n\n"
         return b"data: " + self.error_body(kind, message, param=None, request_id=None) + b"\n\n"
 
-    def injects_usage(self, parsed: ParsedRequest, limits: LimitSpec | None) -> bool:
-        """A Chat/Completions stream under a token limit whose caller did not ask for the usage
-        chunk: the gateway asks upstream and strips it again before the client sees it."""
-        if limits is None or limits.tokens_per_minute is None or not parsed.stream:
+    def injects_usage(self, parsed: ParsedRequest) -> bool:
+        """A Chat/Completions stream whose caller did not ask for the usage chunk: the gateway
+        asks upstream and strips it again before the client sees it."""
+        if not parsed.stream:
             return False
         if parsed.endpoint.path not in _INJECT_PATHS:
             return False

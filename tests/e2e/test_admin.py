@@ -126,17 +126,6 @@ async def open_stream(
         yield OpenStream(session, resp)
 
 
-async def access_lines(gw: Served, n: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 10
-    while True:
-        lines = [orjson.loads(x) for x in gw.log_text().splitlines() if x.startswith("{")]
-        access = [x for x in lines if x.get("event") == "request"]
-        if len(access) >= n:
-            return access
-        assert time.monotonic() < deadline, f"fewer than {n} access lines"
-        await asyncio.sleep(0.05)
-
-
 async def test_the_token_guards_everything_but_metrics_health_and_readiness(serve: Any) -> None:
     async with serve() as gw, aiohttp.ClientSession() as session:
         for method, path in TOKEN_ONLY:
@@ -268,7 +257,7 @@ async def test_streams_show_an_open_stream_and_a_cancel_ends_it_in_band(serve: A
             assert orjson.loads(event.removeprefix(b"data: "))["object"] == "chat.completion.chunk"
         _, after = await admin_get(gw, "/admin/streams")
         assert after == {"count": 0, "streams": []}
-        (line,) = await access_lines(gw, 1)
+        (line,) = await gw.access_lines(1)
         assert line["outcome"] == "operator_cancel"
         assert line["status"] == 200
         # Unknown and already-ended ids: 404.

@@ -215,19 +215,6 @@ async def wait_depth(
     raise AssertionError(f"queue depth never reached {depth} in {timeout_s} s (last: {last})")
 
 
-async def access_lines(gw: Served, n: int, timeout_s: float = 10) -> list[dict[str, Any]]:
-    """The access lines once there are at least `n`."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(int(timeout_s / 0.05) + 1):
-        lines = [orjson.loads(x) for x in gw.log_text().splitlines() if x.startswith("{")]
-        access = [x for x in lines if x.get("event") == "request"]
-        if len(access) >= n or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.05)
-    assert len(access) >= n, f"{len(access)} access lines, expected {n}: {access}"
-    return access
-
-
 async def keys_in_flight(session: aiohttp.ClientSession, gw: Served, provider: str) -> int:
     async with session.get(gw.admin_url + "/admin/keys", headers=gw.admin_headers) as resp:
         keys = (await resp.json())["providers"][provider]["keys"]
@@ -302,7 +289,7 @@ async def test_streams_at_the_key_cap_queue_and_run_one_after_another(
         assert {s.labels.get("gen_ai_provider_name") for s in wait} == {"solo"}
         assert sum(s.value for s in wait) >= 2  # the two that waited
 
-    access = [x for x in await access_lines(gw, 3) if x["model"] == CAPPED]
+    access = [x for x in await gw.access_lines(3) if x["model"] == CAPPED]
     assert [x["status"] for x in access] == [200, 200, 200]
     waited = sorted(x["queued_ms"] for x in access if "queued_ms" in x)
     assert len(waited) == 2, access  # present when the request waited: the two queued ones
@@ -372,7 +359,7 @@ async def test_the_wait_ends_after_max_wait_s_with_todays_503(fake: Fake, tmp_pa
         assert held.status == 200
         whole_stream(held.body)
 
-    (line,) = [x for x in await access_lines(gw, 2) if x["status"] == 503]
+    (line,) = [x for x in await gw.access_lines(2) if x["status"] == 503]
     assert line["outcome"] == "upstream_unavailable"
     assert isinstance(line["queued_ms"], float) and line["queued_ms"] >= 400, line
 
@@ -388,7 +375,7 @@ async def test_without_a_queue_the_cap_answers_503_at_once(fake: Fake, tmp_path:
             assert busy.error()["code"] == "upstream_unavailable"
             assert busy.error()["message"] == BUSY_MESSAGE
             assert (await hold).status == 200
-        lines = [x for x in await access_lines(gw, 2) if x["status"] == 503]
+        lines = [x for x in await gw.access_lines(2) if x["status"] == 503]
         assert lines and "queued_ms" not in lines[0]
 
 
@@ -442,7 +429,7 @@ async def test_a_full_queue_answers_503_overloaded_at_once(fake: Fake, tmp_path:
         whole_stream(result.body)
         assert records(fake, "over") == []
 
-    by_status = {x["status"]: x for x in await access_lines(gw, 3)}
+    by_status = {x["status"]: x for x in await gw.access_lines(3)}
     assert by_status[503]["outcome"] == "overloaded"
     assert "queued_ms" not in by_status[503], str(by_status[503])  # turned away at once
 
@@ -474,7 +461,7 @@ async def test_a_spent_provider_budget_queues_until_it_refills(fake: Fake, tmp_p
         slowest = max(r.done_at - r.sent_at for r in results)
         assert 0.3 <= slowest < 5, slowest
 
-    access = await access_lines(gw, burst + extra)
+    access = await gw.access_lines(burst + extra)
     waited = [x["queued_ms"] for x in access if "queued_ms" in x]
     assert 1 <= len(waited) <= extra and max(waited) >= 300, waited
 
@@ -549,7 +536,7 @@ async def test_a_stalled_first_attempt_is_hedged_and_the_hedge_wins(
         assert counts.get("hedge_won") == 1.0
         assert counts.get("first_won", 0.0) == 0.0 and counts.get("all_failed", 0.0) == 0.0
 
-    (line,) = await access_lines(gw, 1)
+    (line,) = await gw.access_lines(1)
     assert line["status"] == 200 and line["outcome"] == "ok"
     assert line["hedged"] is True and line["hedge_won"] == "hedge"
 
@@ -575,7 +562,7 @@ async def test_the_first_attempt_can_still_win_the_race(fake: Fake, tmp_path: An
         assert counts.get("first_won") == 1.0
         assert counts.get("hedge_won", 0.0) == 0.0 and counts.get("all_failed", 0.0) == 0.0
 
-    (line,) = await access_lines(gw, 1)
+    (line,) = await gw.access_lines(1)
     assert line["hedged"] is True and line["hedge_won"] == "first"
 
 
@@ -594,6 +581,6 @@ async def test_a_fast_first_attempt_starts_no_hedge(fake: Fake, tmp_path: Any) -
         assert len(fake.provider.records) == 1
         assert sum((await hedges(session, gw)).values()) == 0
 
-    (line,) = await access_lines(gw, 1)
+    (line,) = await gw.access_lines(1)
     assert line.get("hedged", False) is False
     assert "hedge_won" not in line
