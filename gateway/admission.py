@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from gateway.budget import BudgetMeter, charge_answer, check
+from gateway.budget import BudgetMeter, BudgetTallies, charge_answer, check
 from gateway.config.runtime import Deployment
 from gateway.edge import Request
 from gateway.errors import GatewayError, Kind
@@ -56,9 +56,15 @@ class Ticket:
     deployment: Deployment | None = None
     meter: BudgetMeter | None = None
 
-    def answered_by(self, deployment: Deployment, facts: StreamFacts | None) -> BudgetMeter | None:
+    def answered_by(
+        self,
+        deployment: Deployment,
+        facts: StreamFacts | None,
+        tallies: BudgetTallies | None = None,
+    ) -> BudgetMeter | None:
         """The answer comes from `deployment`; for a stream (`facts` of its first event) under
-        a budget, the meter the relay feeds (None without a budget)."""
+        a budget, the meter the relay feeds (None without a budget), in the instance's
+        per-caller `tallies`."""
         self.deployment = deployment
         state, spec = self.budget_state, self.request.caller.budget
         if facts is None or state is None or spec is None:
@@ -68,7 +74,7 @@ class Ticket:
         if usage is not None and usage.input_tokens is not None:
             prompt = usage.input_tokens
         self.meter = BudgetMeter(
-            self.limiter, self.request.caller.id, spec, state, deployment.pricing, prompt
+            self.limiter, self.request.caller.id, spec, state, deployment.pricing, prompt, tallies
         )
         return self.meter
 
@@ -120,7 +126,9 @@ class Ticket:
         spec = self.request.caller.budget
         assert spec is not None
         if self.meter is not None:
-            charged = await self.meter.close(report.final_usage, report.outcome == "ok")
+            # A drained stream (resume) that reached its end is as whole as one read live.
+            complete = report.outcome == "ok" or report.drain_end == "ok"
+            charged = await self.meter.close(report.final_usage, complete)
         elif self.deployment is not None and report.status is not None and report.status < 300:
             price = self.deployment.pricing
             charged = await charge_answer(
@@ -130,6 +138,7 @@ class Ticket:
                 price,
                 report.usage,
                 self.request.prompt_estimate,
+                report.bytes_out,
             )
         else:
             return  # no answer: nothing was generated
@@ -194,7 +203,7 @@ async def admit(
                 # The client went away (aiohttp cancels the handler): the settlement goes on,
                 # and the request waits for it once, so that its access line has the figures
                 # (a second cancellation, a shutdown, leaves it running on its own).
-                await settling
+                await asyncio.wait({settling})  # not cancelled with this task
                 raise
 
 

@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from gateway.appkeys import (
+    BUDGETS,
     HEDGES,
     HTTP_CLIENT,
     LIMITER,
@@ -28,6 +29,7 @@ from gateway.appkeys import (
     RuntimeHolder,
 )
 from gateway.attempts import HedgeStats
+from gateway.budget import BudgetTallies
 from gateway.config.runtime import Runtime
 from gateway.config.schema import GatewayConfig
 from gateway.edge import BodyBudget
@@ -247,6 +249,7 @@ def create_app(
     ops = app[OPS] = Ops(config_state)
     queue = app[QUEUE] = CapacityQueue()
     app[HEDGES] = HedgeStats()
+    app[BUDGETS] = BudgetTallies()
     # A released key is offered to the queue's waiters first (the counts outlive reloads).
     runtime.in_flight.on_release = queue.offer
     sinks: list[Sink] = [metrics_sink(tel.metrics), ops.window.record]

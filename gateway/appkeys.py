@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.attempts import HedgeStats
+from gateway.budget import BudgetTallies
 from gateway.config.runtime import Runtime
 from gateway.limits.base import Limiter
 from gateway.ops import Ops
@@ -47,3 +48,5 @@ RESUME_READERS = web.AppKey("resume_readers", Readers)
 QUEUE = web.AppKey("queue", CapacityQueue)
 # The routes' observed time to a first event (policy.hedge.after_ms: p95).
 HEDGES = web.AppKey("hedges", HedgeStats)
+# Each caller's metered streams on this instance (spend budgets).
+BUDGETS = web.AppKey("budgets", BudgetTallies)

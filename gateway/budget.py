@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from gateway.errors import GatewayError, Kind
 from gateway.limits.base import Limiter, LimiterUnavailable
-from gateway.limits.budget import BudgetSpec, BudgetState, Pricing, Windows, money, retry_seconds
+from gateway.limits.budget import BudgetSpec, BudgetState, Pricing, money, retry_seconds
 from gateway.logs import get_logger
 from gateway.providers.base import Usage
 from gateway.report import Report
@@ -93,10 +93,58 @@ async def check(
             f"Budget exceeded: the {_NAMES[name]} budget of tier '{spec.tier}' is spent "
             f"(budget_exceeded). It is whole again in {retry_seconds(wait)} s (UTC calendar "
             "windows).",
-            headers={"retry-after": str(retry_seconds(wait)), **headers},
+            # Both SDKs honour retry-after without a cap (the Anthropic SDK would sleep until
+            # midnight); they never retry an answer that says it should not be.
+            headers={
+                "retry-after": str(retry_seconds(wait)),
+                "x-should-retry": "false",
+                **headers,
+            },
         )
     report.extra_headers.update(headers)
     return state
+
+
+class BudgetTally:
+    """One caller's metered streams on this instance: what they counted and have not had
+    charged yet, and the freshest shared figures any of them got back. A stream's view of
+    what is left is those figures less everything counted here, so the caller's streams on
+    one instance see each other at once, not a charge interval late."""
+
+    __slots__ = ("cost", "left_cost", "left_tokens", "meters", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens = 0  # counted by the streams here, not yet charged (or in flight)
+        self.cost = 0
+        self.left_tokens: int | None = None  # the shared figures last seen
+        self.left_cost: int | None = None
+        self.meters: set[BudgetMeter] = set()
+
+
+class BudgetTallies:
+    """The tallies by caller: one while the caller has a metered stream open here."""
+
+    __slots__ = ("_by",)
+
+    def __init__(self) -> None:
+        self._by: dict[str, BudgetTally] = {}
+
+    def __len__(self) -> int:
+        return len(self._by)
+
+    def join(self, subject: str, meter: BudgetMeter) -> BudgetTally:
+        tally = self._by.get(subject)
+        if tally is None:
+            tally = self._by[subject] = BudgetTally()
+        tally.meters.add(meter)
+        return tally
+
+    def leave(self, subject: str, meter: BudgetMeter) -> None:
+        tally = self._by.get(subject)
+        if tally is not None:
+            tally.meters.discard(meter)
+            if not tally.meters:
+                del self._by[subject]
 
 
 class BudgetMeter:
@@ -119,8 +167,11 @@ class BudgetMeter:
         "_pending_tokens",
         "_price",
         "_shared_at",
+        "_shared_charged",
         "_shared_cost",
         "_shared_tokens",
+        "_tallies",
+        "_tally",
         "_task",
         "_tasks",
         "_wake",
@@ -144,7 +195,10 @@ class BudgetMeter:
         state: BudgetState,
         pricing: Pricing | None,
         input_tokens: int,
+        tallies: BudgetTallies | None = None,
     ) -> None:
+        """`tallies`: the instance's per-caller tallies (None: this stream sees the others
+        only through the shared figures)."""
         self.limiter = limiter
         self.subject = subject
         self.spec = spec
@@ -153,6 +207,8 @@ class BudgetMeter:
         self.output_tokens = 0  # estimated from the content events so far
         self._charged_tokens = 0  # acknowledged by the backend
         self._charged_cost = 0
+        # Of those, what the shared store took (not the local fallback, Redis down).
+        self._shared_charged = [0, 0]
         # The prompt is charged with the first flush.
         self._pending_tokens = self._input
         self._pending_cost = pricing.cost(self._input, 0) if pricing is not None else 0
@@ -172,8 +228,14 @@ class BudgetMeter:
         self._window_tokens = self._window_cost = 0
         self.spent = False
         self.spent_by: str | None = None  # tokens | cost
-        self._see(state)
         self._on_spent: Callable[[], object] | None = None
+        self._tallies = tallies
+        self._tally: BudgetTally | None = None
+        if tallies is not None:
+            tally = self._tally = tallies.join(subject, self)
+            tally.tokens += self._pending_tokens
+            tally.cost += self._pending_cost
+        self._see(state)
         self._wake = asyncio.Event()
         self._closing = False
         self._tasks = Tasks("budget-meter")
@@ -190,10 +252,10 @@ class BudgetMeter:
     def roomy(self, size: int) -> bool:
         """Whether no read of `size` bytes (plus what the decoder holds) can spend a budget:
         an event's output tokens never exceed its bytes."""
-        left = self._left_tokens
+        left, left_cost = self._view()
         if left is not None and left <= size:
             return False
-        left = self._left_cost
+        left = left_cost
         price = self._price
         if left is not None and price is not None:
             out = self.output_tokens
@@ -212,46 +274,70 @@ class BudgetMeter:
         if price is not None:
             cost = price.output_cost(before + tokens) - price.output_cost(before)
             self._pending_cost += cost
-        left = self._left_tokens
-        if left is not None:
-            left -= tokens
-            self._left_tokens = left
-            if left <= 0 and not self.spent:
-                self.spent, self.spent_by = True, "tokens"
-        left = self._left_cost
-        if left is not None:
-            left -= cost
-            self._left_cost = left
-            if left <= 0 and not self.spent:
-                self.spent, self.spent_by = True, "cost"
+        tally = self._tally
+        if tally is None:
+            if self._left_tokens is not None:
+                self._left_tokens -= tokens
+            if self._left_cost is not None:
+                self._left_cost -= cost
+        else:
+            tally.tokens += tokens
+            tally.cost += cost
+        self._check()
         if now >= self._next_charge or self._near_edge():
             self._wake.set()  # the charger runs after this loop turn's callbacks
         return self.spent
 
     def _near_edge(self) -> bool:
-        left = self._left_tokens
+        left, left_cost = self._view()
         if left is not None and left <= self._edge_tokens:
             return True
-        left = self._left_cost
-        return left is not None and left <= self._edge_cost
+        return left_cost is not None and left_cost <= self._edge_cost
+
+    def _view(self) -> tuple[int | None, int | None]:
+        """What is left as this stream knows it (tokens, nano-units; None: no such budget)."""
+        tally = self._tally
+        if tally is None:
+            return self._left_tokens, self._left_cost
+        tokens = None if tally.left_tokens is None else tally.left_tokens - tally.tokens
+        cost = None if tally.left_cost is None else tally.left_cost - tally.cost
+        return tokens, cost
+
+    def _check(self) -> None:
+        """Mark the budget spent when what is left reached zero; under a tally, every other
+        stream of the caller here learns it too (`on_spent`: each ends at its next event
+        boundary; this one is ended by its caller, from `count`'s answer or `_flush`)."""
+        left, left_cost = self._view()
+        if left is not None and left <= 0:
+            by = "tokens"
+        elif left_cost is not None and left_cost <= 0:
+            by = "cost"
+        else:
+            return
+        if not self.spent:
+            self.spent, self.spent_by = True, by
+        tally = self._tally
+        if tally is not None:
+            for meter in list(tally.meters):
+                if meter is not self and not meter.spent:
+                    meter.spent, meter.spent_by = True, by
+                    if meter._on_spent is not None:
+                        meter._on_spent()
 
     def _see(self, state: BudgetState) -> None:
         """Take the shared figures, less what was counted here and not yet charged."""
         shared_tokens = state.remaining_tokens(self.spec)
         shared_cost = state.remaining_cost(self.spec)
         self._rate(shared_tokens, shared_cost)
-        left = shared_tokens
-        if left is not None:
-            left -= self._pending_tokens
-            self._left_tokens = left
-            if left <= 0 and not self.spent:
-                self.spent, self.spent_by = True, "tokens"
-        left = shared_cost
-        if left is not None:
-            left -= self._pending_cost
-            self._left_cost = left
-            if left <= 0 and not self.spent:
-                self.spent, self.spent_by = True, "cost"
+        tally = self._tally
+        if tally is None:
+            if shared_tokens is not None:
+                self._left_tokens = shared_tokens - self._pending_tokens
+            if shared_cost is not None:
+                self._left_cost = shared_cost - self._pending_cost
+        else:
+            tally.left_tokens, tally.left_cost = shared_tokens, shared_cost
+        self._check()
 
     def _rate(self, tokens: int | None, cost: int | None) -> None:
         """Move the edges with the caller's rate of spending: from shared figures at least half
@@ -295,17 +381,24 @@ class BudgetMeter:
         if not tokens and not cost:
             return True
         self._pending_tokens = self._pending_cost = 0
+        tally = self._tally
+        if tally is not None:  # in flight: the reply's figures will hold it
+            tally.tokens -= tokens
+            tally.cost -= cost
         try:
             state = await self.limiter.budget(self.subject, self.spec, tokens, cost)
         except LimiterUnavailable:
             # Kept for the next charge (the stream goes on under the figures known here).
             self._pending_tokens += tokens
             self._pending_cost += cost
+            if tally is not None:
+                tally.tokens += tokens
+                tally.cost += cost
             self.failures += 1
             return False
         self._charged_tokens += tokens
         self._charged_cost += cost
-        self._charged_in(state.windows, tokens, cost)
+        self._charged_in(state, tokens, cost)
         was_spent = self.spent
         self._see(state)
         if self.spent and not was_spent and self._on_spent is not None:
@@ -322,6 +415,13 @@ class BudgetMeter:
         task = self._task
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
+        tally = self._tally
+        if tally is not None and self._tallies is not None:
+            # What is still pending goes in the correction below, charged on its own.
+            tally.tokens -= self._pending_tokens
+            tally.cost -= self._pending_cost
+            self._tallies.leave(self.subject, self)
+            self._tally = None
         prompt = self._input
         output = self.output_tokens
         if usage is not None:
@@ -335,8 +435,10 @@ class BudgetMeter:
         # The correction goes to the windows of the last charge; a refund takes back at most
         # what this stream charged there (a stream across midnight must not leave the new day
         # with less than nothing).
-        tokens = max(total_tokens - self._charged_tokens, -self._window_tokens)
-        cost = max(total_cost - self._charged_cost, -self._window_cost)
+        # Against what the shared store took: what the local fallback got during an outage is
+        # not there to correct.
+        tokens = max(total_tokens - self._shared_charged[0], -self._window_tokens)
+        cost = max(total_cost - self._shared_charged[1], -self._window_cost)
         await self.charge(tokens, cost)
         return self._charged_tokens, self._charged_cost
 
@@ -353,14 +455,21 @@ class BudgetMeter:
             return
         self._charged_tokens += tokens
         self._charged_cost += cost
-        self._charged_in(state.windows, tokens, cost)
+        self._charged_in(state, tokens, cost)
 
-    def _charged_in(self, windows: Windows, tokens: int, cost: int) -> None:
+    def _charged_in(self, state: BudgetState, tokens: int, cost: int) -> None:
+        """Keep what this stream charged in the windows of its last charge: what a refund at
+        the end may take back. Charges the local fallback took (Redis down) do not count: a
+        refund sent once Redis is back must not take from it what it never got."""
+        windows = state.windows
         if windows.day != self._windows.day:
             self._windows = windows
             self._window_tokens = self._window_cost = 0
-        self._window_tokens += tokens
-        self._window_cost += cost
+        if not state.degraded:
+            self._window_tokens += tokens
+            self._window_cost += cost
+            self._shared_charged[0] += tokens
+            self._shared_charged[1] += cost
 
 
 def _tenth(*limits: int | None) -> int:
@@ -375,11 +484,13 @@ async def charge_answer(
     pricing: Pricing | None,
     usage: Usage | None,
     prompt_estimate: int,
+    body_bytes: int = 0,
 ) -> tuple[int, int]:
-    """Charge a whole (non-stream) answer its usage (the prompt estimate when it reported
-    none). Returns what was charged (tokens, nano-units)."""
+    """Charge a whole (non-stream) answer its usage; without one, the prompt estimate and
+    the answer's bytes / 4 as its output (on the high side, as the prompt estimate). Returns
+    what was charged (tokens, nano-units)."""
     prompt = prompt_estimate
-    output = 0
+    output = -(-body_bytes // 4)
     if usage is not None:
         prompt = usage.input_tokens if usage.input_tokens is not None else prompt
         output = usage.output_tokens or 0

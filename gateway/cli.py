@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--targets",
-        help="comma-separated, of direct,nginx,gateway,gateway-prod "
+        help="comma-separated, of direct,nginx,gateway,gateway-prod,gateway-budget,"
+        "gateway-budget-redis "
         "(default: direct,nginx,gateway; with --soak: gateway)",
     )
     p.add_argument("--repeats", type=int, default=1, help="runs of each target per cell")

@@ -27,6 +27,7 @@ from opentelemetry import trace
 
 from gateway.admission import Ticket, admit
 from gateway.appkeys import (
+    BUDGETS,
     HEDGES,
     HTTP_CLIENT,
     LIMITER,
@@ -192,7 +193,9 @@ class Handler:
                     streams=request.app[OPS].streams,
                     recorder=recorder,
                     inject_ids=resume.enabled and resume.inject_ids,
-                    meter=ticket.answered_by(result.step.deployment, answer.facts),
+                    meter=ticket.answered_by(
+                        result.step.deployment, answer.facts, request.app[BUDGETS]
+                    ),
                 )
                 keepalive_s = runtime.server.keepalive_comment_s
                 await owner.deliver(response, request.app[TELEMETRY], keepalive_s)

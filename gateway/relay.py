@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from gateway.budget import BudgetMeter
@@ -36,7 +37,7 @@ from gateway.render import terminal_event
 from gateway.report import Outcome, Report
 from gateway.resume.ids import IdInjector
 from gateway.resume.store import Recorder
-from gateway.sse import SSEDecoder, SSEError, event_ends
+from gateway.sse import SSEDecoder, SSEError, SSEEvent, event_ends
 from gateway.telemetry import Telemetry
 from gateway.upstream import OpenStream
 
@@ -187,6 +188,15 @@ class _Direct:
         return transport.get_write_buffer_size() > _HIGH_WATER
 
 
+def _sequence_after(event: SSEEvent) -> int:
+    """The `sequence_number` an event after `event` carries (Responses; 0 without one)."""
+    try:
+        number = orjson.loads(event.data).get("sequence_number")
+    except (orjson.JSONDecodeError, AttributeError):
+        return 0
+    return number + 1 if isinstance(number, int) and not isinstance(number, bool) else 0
+
+
 def _observed(chunk: bytes, now: float) -> None:
     """A metered stream's reads are observed before they are written (`StreamOwner._gate`)."""
 
@@ -240,6 +250,10 @@ class StreamOwner:
         # (`_gate`), and the stream ends after the event that spends the budget.
         self.meter = meter
         self._clean_cut = False  # cut at an event boundary the decoder did not see as one
+        self._abort_now = False  # a blind metered stream is spent: end it without a boundary
+        # The number the terminal event carries when the held read was cut (the observer saw
+        # the events after the cut).
+        self._sequence: int | None = None
 
     async def deliver(
         self, response: web.StreamResponse, tel: Telemetry, keepalive_s: float
@@ -275,13 +289,17 @@ class StreamOwner:
                 self.recorder.end(cut=self._cut or self.state is State.ABORTED)
                 report.drained = self.draining
         report.streamed(end)
-        if end is Outcome.BUDGET_EXCEEDED and meter is not None:
+        cut = end is Outcome.BUDGET_EXCEEDED or report.drain_end == Outcome.BUDGET_EXCEEDED.value
+        if cut and meter is not None:
             tel.metrics.child(tel.metrics.budget_exceeded, meter.spec.tier, "stream").inc()
         return end
 
     def _budget_spent(self) -> None:
-        """The shared figures say the budget is spent: end at the next event boundary."""
-        self.stop(Outcome.BUDGET_EXCEEDED)
+        """The shared figures say the budget is spent: end at the next event boundary (not a
+        stream whose content is over: its finish reason or end marker has passed)."""
+        facts = self.stream.facts
+        if facts.finish_reason is None and not facts.done:
+            self.stop(Outcome.BUDGET_EXCEEDED)
 
     async def _relay(self, response: web.StreamResponse, keepalive_s: float) -> Outcome:
         if not await self._write_held(response):
@@ -355,6 +373,7 @@ class StreamOwner:
                         self._stop = Outcome.BUDGET_EXCEEDED
                     if end < len(held):
                         self._clean_cut = True  # the stream's decoder saw what follows
+                        self._sequence = _sequence_after(event)
                     return held[:end]
             start = end
         return held
@@ -363,23 +382,39 @@ class StreamOwner:
         """A metered stream's read, observed before it is written: each content event is
         counted, and the read is cut right after the event that spends the budget (what
         follows is never sent). A read that cannot spend it is decoded whole."""
-        if not self.observing:
-            return chunk
         meter = self.meter
         assert meter is not None
         now = time.perf_counter()
+        if not self.observing:
+            return self._blind(chunk, now)
         if meter.roomy(len(chunk) + self.stream.decoder.pending_bytes):
             self._meter(chunk, now)
+            if not self.observing:
+                return self._blind(chunk, now)
             return chunk
         start = 0
         for end in event_ends(chunk):
             if self._meter(chunk[start:end] if start or end < len(chunk) else chunk, now):
                 if self._stop is None:
                     self._stop = Outcome.BUDGET_EXCEEDED
+                # At a boundary the decoder dispatched on (an injector may still hold the
+                # CR of a split CRLF): the terminal event goes right here.
+                self._clean_cut = True
                 return chunk[:end]
             if not self.observing:
-                return chunk
+                return self._blind(chunk[start:], now)
             start = end
+        return chunk
+
+    def _blind(self, chunk: bytes, now: float) -> bytes:
+        """A metered stream that can no longer be decoded (an event past the decoder's
+        bound): each read counts as if all its bytes were text, and a spent budget ends the
+        stream at once, by cutting the connection (no event boundary is known)."""
+        meter = self.meter
+        assert meter is not None
+        if meter.count(len(chunk), now) and self._stop is None:
+            self._stop = Outcome.BUDGET_EXCEEDED
+            self._abort_now = True
         return chunk
 
     def _meter(self, piece: bytes, now: float) -> bool:
@@ -481,7 +516,7 @@ class StreamOwner:
                 if self.observing:
                     observe(chunk, now)
                 unobserved = b""
-                if self._stop is not None and self._at_boundary():
+                if self._stop is not None and (self._abort_now or self._at_boundary()):
                     return self._stop
             except asyncio.CancelledError:
                 if not watchdog.claim():
@@ -535,6 +570,8 @@ class StreamOwner:
         is whole. False when the stream is already ending."""
         if self.state not in (State.COMMITTED, State.RELAYING) or self._stop is not None:
             return False
+        if self.stream.facts.done:
+            return False  # its end marker has passed: nothing is left to cut
         self._stop = outcome
         watchdog = self._watchdog
         if watchdog is not None and self._at_boundary():
@@ -726,7 +763,9 @@ class StreamOwner:
         else:
             kind = Kind.UPSTREAM_ERROR
             message = f"The upstream provider '{provider}' ended the stream before it was complete."
-        sequence = self.stream.observer.next_sequence_number()
+        sequence = self._sequence
+        if sequence is None:
+            sequence = self.stream.observer.next_sequence_number()
         return terminal_event(self.req.endpoint, kind, message, sequence)
 
     def _first_token(self) -> None:

@@ -10,6 +10,7 @@ tests/test_limits_budget.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
 import time
@@ -26,6 +27,7 @@ from gateway.budget import (
     REMAINING,
     REMAINING_COST,
     BudgetMeter,
+    BudgetTallies,
     charge_answer,
     check,
     remaining_headers,
@@ -1504,3 +1506,75 @@ async def test_a_slow_caller_keeps_its_charges_batched() -> None:
         await turns(5)
     assert limiter.charges == [(10, 0), (1, 0)]
     assert await meter.close(None, complete=False) == (14, 0)
+
+
+async def test_streams_of_one_caller_share_a_tally_on_one_instance() -> None:
+    """Two meters of one caller in one process see each other's counts at once (before any
+    charge), the one that spends the budget is told by `count`, the other by `on_spent`; a
+    third caller's meter is not touched; closing both leaves no tally behind."""
+    limiter = MemoryLimiter(wall=Wall())
+    tallies = BudgetTallies()
+    spec = BudgetSpec("t", tokens_per_day=100)
+    standing = await limiter.budget("alice", spec, 0, 0)
+    spent: list[str] = []
+    a = BudgetMeter(limiter, "alice", spec, standing, None, 10, tallies)
+    b = BudgetMeter(limiter, "alice", spec, standing, None, 10, tallies)
+    other = BudgetMeter(
+        limiter, "bob", spec, await limiter.budget("bob", spec, 0, 0), None, 10, tallies
+    )
+    a.start(lambda: spent.append("a"))
+    b.start(lambda: spent.append("b"))
+    other.start(lambda: spent.append("bob"))
+    assert len(tallies) == 2
+    early = time.perf_counter() - 1  # never due: only the shared tally can tell them
+    assert b.roomy(70)  # 80 left as b sees it (both prompts)
+    assert a.count(4 * 40, early) is False  # 40 tokens: 40 left, for both
+    assert not b.roomy(40) and b.roomy(39)
+    assert b.count(4 * 39, early) is False  # 1 left
+    assert a.count(4, early) is True  # a spends the last token: told by its answer
+    assert spent == ["b"]  # b learns it at once (it ends at its next boundary)
+    assert b.spent and not other.spent
+    await a.close(None, complete=False)
+    await b.close(None, complete=False)
+    assert len(tallies) == 1
+    await other.close(None, complete=False)
+    assert len(tallies) == 0
+    assert used(limiter) == (100, 0)  # 10 + 40 + 1 and 10 + 39: exactly what was counted
+
+
+class _Outage:
+    """The prompt's charge goes to a local fallback (Redis down: degraded), every later one
+    to the shared store (Redis back)."""
+
+    name = "outage"
+
+    def __init__(self) -> None:
+        self.fallback = MemoryLimiter(wall=Wall())
+        self.shared = MemoryLimiter(wall=Wall())
+        self.calls = 0
+
+    async def budget(
+        self, subject: str, spec: BudgetSpec, tokens: int, cost: int, at: Windows | None = None
+    ) -> BudgetState:
+        self.calls += 1
+        if self.calls == 1:
+            state = self.fallback.budget_now(subject, tokens, cost, at)
+            return dataclasses.replace(state, degraded=True)
+        return self.shared.budget_now(subject, tokens, cost, at)
+
+
+async def test_a_refund_never_takes_from_the_shared_store_what_the_fallback_got() -> None:
+    limiter = _Outage()
+    spec = BudgetSpec("t", tokens_per_day=100_000)
+    standing = limiter.shared.budget_now("alice", 0, 0)
+    meter = BudgetMeter(limiter, "alice", spec, standing, None, 1000)  # type: ignore[arg-type]
+    meter.start(lambda: None)
+    await turns(5)
+    assert used(limiter.fallback) == (1000, 0)  # the prompt estimate, during the outage
+    meter.count(40, due())  # 10 tokens, once Redis is back
+    await turns(5)
+    assert used(limiter.shared) == (10, 0)
+    # The upstream counted a 6-token prompt: the shared store ends with what the stream
+    # used (6 + 10), corrected against what it took, not against the fallback's 1000.
+    await meter.close(Usage(input_tokens=6, output_tokens=None), complete=False)
+    assert used(limiter.shared) == (16, 0)

@@ -341,6 +341,14 @@ class PricingConfig(_Strict):
     input_per_mtok: float = Field(ge=0, le=100_000)  # per million prompt tokens
     output_per_mtok: float = Field(ge=0, le=100_000)  # per million output tokens
 
+    @field_validator("input_per_mtok", "output_per_mtok")
+    @classmethod
+    def _representable(cls, value: float) -> float:
+        # Prices are kept in nano-units per million tokens: anything smaller would be free.
+        if 0 < value < 1e-9:
+            raise ValueError("must be 0 or at least 0.000000001 (prices are kept in nano-units)")
+        return value
+
 
 class DeploymentConfig(_Strict):
     provider: Identifier
@@ -390,8 +398,8 @@ class BudgetConfig(_Strict):
     tokens_per_day: int | None = Field(None, ge=1, le=1_000_000_000_000_000)
     tokens_per_month: int | None = Field(None, ge=1, le=1_000_000_000_000_000)
     # At most a million units: nano-unit sums stay exact in Redis' Lua (doubles).
-    cost_per_day: float | None = Field(None, gt=0, le=1_000_000)
-    cost_per_month: float | None = Field(None, gt=0, le=1_000_000)
+    cost_per_day: float | None = Field(None, ge=1e-9, le=1_000_000)  # nano-units at least
+    cost_per_month: float | None = Field(None, ge=1e-9, le=1_000_000)
 
     @model_validator(mode="after")
     def _something(self) -> BudgetConfig:

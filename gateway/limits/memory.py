@@ -27,8 +27,10 @@ class MemoryLimiter:
         self._clock = clock
         self._wall = wall
         self._windows = WindowClock()
-        # Budget counters: (subject, window) -> [tokens, cost, expires at (unix s)].
-        self._budgets: dict[tuple[str, str], list[int]] = {}
+        # Budget counters: window (d2026-12-01, m2026-12) -> subject -> [tokens, cost], and
+        # when each window's counters go (unix s).
+        self._budgets: dict[str, dict[str, list[int]]] = {}
+        self._budget_ends: dict[str, float] = {}
         self._budget_ops = 0
         self._lease_ids = itertools.count(1)
         self._tat: dict[str, float] = {}
@@ -181,25 +183,32 @@ class MemoryLimiter:
             ("d" + windows.day, windows.day_end),
             ("m" + windows.month, windows.month_end),
         ):
-            key = (subject, window)
-            counters = self._budgets.get(key)
+            callers = self._budgets.get(window)
+            counters = callers.get(subject) if callers is not None else None
             if counters is None:
                 if not tokens and not cost:
                     used.append((0, 0))
                     continue
-                counters = self._budgets[key] = [0, 0, int(ends + WINDOW_GRACE_S)]
-            counters[0] += tokens
-            counters[1] += cost
+                if callers is None:
+                    callers = self._budgets[window] = {}
+                    self._budget_ends[window] = ends + WINDOW_GRACE_S
+                counters = callers[subject] = [0, 0]
+            # A refund never takes a counter below zero.
+            counters[0] = max(0, counters[0] + tokens)
+            counters[1] = max(0, counters[1] + cost)
             used.append((counters[0], counters[1]))
         (tokens_day, cost_day), (tokens_month, cost_month) = used
         return BudgetState(windows, tokens_day, cost_day, tokens_month, cost_month, self.name, now)
 
     def _budget_gc(self, now: float) -> None:
+        # A window's counters go together once it has ended (plus the grace): one dict per
+        # window, so this costs nothing per caller.
         self._budget_ops += 1
         if self._budget_ops & 1023:
             return
-        for key in [k for k, v in self._budgets.items() if v[2] <= now]:
-            del self._budgets[key]
+        for window in [w for w, ends in self._budget_ends.items() if ends <= now]:
+            del self._budget_ends[window]
+            self._budgets.pop(window, None)
 
     async def close(self) -> None:
         return None

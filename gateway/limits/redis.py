@@ -197,14 +197,22 @@ return out
 
 # KEYS: the subject's budget hash of the current day, then of the current month.
 # ARGV: tokens, cost (nano-units; both 0: read only), the day's and the month's expiry (unix ms).
-# Charges both windows at once; returns tokens and cost used in the day, then in the month.
+# Charges both windows at once (a refund stops at zero); returns tokens and cost used in the
+# day, then in the month.
 _BUDGET = """
 local out = {}
 local charge = ARGV[1] ~= '0' or ARGV[2] ~= '0'
 for i = 1, 2 do
   if charge then
-    out[2 * i - 1] = redis.call('HINCRBY', KEYS[i], 't', ARGV[1])
-    out[2 * i] = redis.call('HINCRBY', KEYS[i], 'c', ARGV[2])
+    -- A refund never takes a counter below zero.
+    for j, field in ipairs({'t', 'c'}) do
+      local v = redis.call('HINCRBY', KEYS[i], field, ARGV[j])
+      if v < 0 then
+        redis.call('HSET', KEYS[i], field, 0)
+        v = 0
+      end
+      out[2 * i - 2 + j] = v
+    end
     redis.call('PEXPIREAT', KEYS[i], ARGV[2 + i])
   else
     local v = redis.call('HMGET', KEYS[i], 't', 'c')

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
+import openai
 import orjson
 import pytest
 
@@ -432,18 +435,31 @@ def output_texts(api: str, events: list[tuple[str, dict[str, Any]]]) -> list[str
 
 
 @pytest.mark.parametrize(
-    ("api", "line_ending"),
-    [("chat", "crlf"), ("chat", "cr"), ("responses", "lf"), ("anthropic", "crlf")],
+    ("api", "line_ending", "extra"),
+    [
+        ("chat", "crlf", {}),
+        ("chat", "cr", {}),
+        ("responses", "lf", {}),
+        ("anthropic", "crlf", {}),
+        # Resume with ids injected: the injector holds what follows a split line end.
+        ("chat", "crlf", {"resume": {"enabled": True, "inject_ids": True}}),
+        # No gap: the first read (held until its first event is whole) carries many events,
+        # and the cut falls inside it; the terminal event is numbered after the last kept.
+        ("responses", "lf", {"gap": True, "budget": 30}),
+    ],
+    ids=["chat-crlf", "chat-cr", "responses", "anthropic-crlf", "chat-ids", "responses-held"],
 )
 async def test_a_cut_is_whole_for_every_api_and_framing_and_any_chunking(
-    fake: Fake, serve: Any, api: str, line_ending: str
+    fake: Fake, serve: Any, api: str, line_ending: str, extra: dict[str, Any]
 ) -> None:
     """Reads split anywhere (inside events, inside line ends) and CR / CRLF framing: the
     stream still ends right after the event that spent the budget, with one whole terminal
     event in the caller's format (Responses: numbered after the last event)."""
-    budget = 90
+    budget = extra.pop("budget", 90)
     script = {**LONG, "x-fake-line-ending": line_ending, "x-fake-split-seed": "7"}
-    async with serve(budget_config(fake, {"tokens_per_day": budget})) as gw:
+    if extra.pop("gap", None):
+        script = {**LONG, "x-fake-gap-ms": "0"}
+    async with serve(budget_config(fake, {"tokens_per_day": budget}, **extra)) as gw:
         async with aiohttp.ClientSession() as session:
             if api == "anthropic":
                 url, headers = gw.url + "/v1/messages", {**AN, **script}
@@ -460,6 +476,8 @@ async def test_a_cut_is_whole_for_every_api_and_framing_and_any_chunking(
                 body["messages" if api == "chat" else "input"] = MESSAGES
             status, _, raw, size = await post(session, url, body, headers)
             assert status == 200
+        if extra.get("resume"):
+            raw = b"".join(line + b"\n" for line in raw.split(b"\n") if not line.startswith(b"id:"))
         events = decoded(raw)
         name, last = events[-1]
         if api == "chat":
@@ -481,3 +499,79 @@ async def test_a_cut_is_whole_for_every_api_and_framing_and_any_chunking(
         assert charged >= budget and charged - counted[-1] < budget, (prompt, counted)
         (line,) = await gw.access_lines(1)
         assert line["outcome"] == "budget_exceeded" and line.get("budget_tokens") == charged, line
+
+
+async def test_many_short_streams_of_one_caller_see_each_other_at_once(
+    fake: Fake, serve: Any
+) -> None:
+    """Ten concurrent streams of one caller, shorter than a charge interval: on one
+    instance they share one tally, so together they stop at the budget (each overshooting by
+    at most its last event), not at ten times it."""
+    budget = 1000
+    async with serve(budget_config(fake, {"tokens_per_day": budget})) as gw:
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "gpt-test", "messages": MESSAGES, "stream": True}
+            headers = {**OA, "x-fake-chunks": "120", "x-fake-gap-ms": "1"}
+
+            async def one() -> tuple[int, bytes]:
+                status, _, raw, size = await post(
+                    session, gw.url + "/v1/chat/completions", body, headers
+                )
+                assert status == 200
+                return size, raw
+
+            results = await asyncio.gather(*(one() for _ in range(10)))
+        lines = await gw.access_lines(10)
+        charged = sum(line["budget_tokens"] for line in lines)
+        got = 0
+        for size, raw in results:
+            chunks, last = chat_stream(raw)
+            assert "error" in last or raw.endswith(b"[DONE]\n\n")
+            got += math.ceil(size / 4) + sum(tokens(t) for t in chat_content(chunks))
+        assert charged == got  # each charged what its client got
+        assert budget <= charged <= budget + 10 * 3, charged  # one event (<= 3 tokens) each
+        assert (await budgets_of(gw))["tokens_per_day"]["used"] == charged
+
+
+async def test_a_drained_stream_is_charged_the_upstream_usage(fake: Fake, serve: Any) -> None:
+    """Resume on: the client goes away mid-stream, the gateway reads the upstream to its end
+    (as if the client had stayed) and charges the usage the upstream reported."""
+    config = budget_config(fake, {"tokens_per_day": 100_000}, resume={"enabled": True})
+    async with serve(config) as gw:
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "gpt-test", "messages": MESSAGES, "stream": True}
+            headers = {**OA, "x-fake-chunks": "60", "x-fake-gap-ms": "10"}
+            async with session.post(
+                gw.url + "/v1/chat/completions", data=orjson.dumps(body), headers=headers
+            ) as resp:
+                assert resp.status == 200
+                await resp.content.readany()  # a little, then the client is gone
+        (line,) = await gw.access_lines(1, timeout_s=15)
+        assert line["drained"] is True and line["drain_outcome"] == "ok"
+        usage = line["input_tokens"] + line["output_tokens"]
+        assert line["budget_tokens"] == usage
+        assert (await budgets_of(gw))["tokens_per_day"]["used"] == usage
+
+
+async def test_the_sdks_with_their_default_retries_raise_at_once_on_a_spent_budget(
+    fake: Fake, serve: Any
+) -> None:
+    """retry-after says "midnight": the SDKs must not sleep until then (the Anthropic SDK
+    honours retry-after without a cap). The 429 says x-should-retry: false, and both SDKs
+    raise RateLimitError at once, with the budget named."""
+    async with serve(budget_config(fake, {"tokens_per_day": 1})) as gw:
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "gpt-test", "messages": MESSAGES}
+            status, _, _, _ = await post(session, gw.url + "/v1/chat/completions", body, OA)
+            assert status == 200  # this one spends the budget
+        started = time.monotonic()
+        async with openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=CALLER_KEY) as client:
+            with pytest.raises(openai.RateLimitError) as oa_err:
+                await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+        assert oa_err.value.code == "budget_exceeded"
+        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=CALLER_KEY) as aclient:
+            with pytest.raises(anthropic.RateLimitError) as an_err:
+                await aclient.messages.create(model="claude-test", max_tokens=5, messages=MESSAGES)
+        assert "budget" in an_err.value.message.lower()
+        assert time.monotonic() - started < 5  # no retry slept through retry-after
+        assert len(fake.provider.records) == 1
