@@ -159,8 +159,6 @@ class BudgetMeter:
         "_floor_cost",
         "_floor_tokens",
         "_input",
-        "_left_cost",
-        "_left_tokens",
         "_next_charge",
         "_on_spent",
         "_pending_cost",
@@ -197,8 +195,8 @@ class BudgetMeter:
         input_tokens: int,
         tallies: BudgetTallies | None = None,
     ) -> None:
-        """`tallies`: the instance's per-caller tallies (None: this stream sees the others
-        only through the shared figures)."""
+        """`tallies`: the instance's per-caller tallies (None: a tally of its own; this
+        stream sees the others only through the shared figures)."""
         self.limiter = limiter
         self.subject = subject
         self.spec = spec
@@ -212,8 +210,6 @@ class BudgetMeter:
         # The prompt is charged with the first flush.
         self._pending_tokens = self._input
         self._pending_cost = pricing.cost(self._input, 0) if pricing is not None else 0
-        self._left_tokens: int | None = None
-        self._left_cost: int | None = None
         # Below these, charges are no longer batched: a tenth of the tightest budget, or more
         # when the caller spends faster (twice what all its streams spent, on every instance,
         # in one CHARGE_INTERVAL_S, as the shared figures show it).
@@ -230,11 +226,10 @@ class BudgetMeter:
         self.spent_by: str | None = None  # tokens | cost
         self._on_spent: Callable[[], object] | None = None
         self._tallies = tallies
-        self._tally: BudgetTally | None = None
-        if tallies is not None:
-            tally = self._tally = tallies.join(subject, self)
-            tally.tokens += self._pending_tokens
-            tally.cost += self._pending_cost
+        tally = self._tally = tallies.join(subject, self) if tallies is not None else BudgetTally()
+        tally.meters.add(self)
+        tally.tokens += self._pending_tokens
+        tally.cost += self._pending_cost
         self._see(state)
         self._wake = asyncio.Event()
         self._closing = False
@@ -274,15 +269,8 @@ class BudgetMeter:
         if price is not None:
             cost = price.output_cost(before + tokens) - price.output_cost(before)
             self._pending_cost += cost
-        tally = self._tally
-        if tally is None:
-            if self._left_tokens is not None:
-                self._left_tokens -= tokens
-            if self._left_cost is not None:
-                self._left_cost -= cost
-        else:
-            tally.tokens += tokens
-            tally.cost += cost
+        self._tally.tokens += tokens
+        self._tally.cost += cost
         self._check()
         if now >= self._next_charge or self._near_edge():
             self._wake.set()  # the charger runs after this loop turn's callbacks
@@ -295,17 +283,16 @@ class BudgetMeter:
         return left_cost is not None and left_cost <= self._edge_cost
 
     def _view(self) -> tuple[int | None, int | None]:
-        """What is left as this stream knows it (tokens, nano-units; None: no such budget)."""
+        """What is left as this stream knows it (tokens, nano-units; None: no such budget):
+        the freshest shared figures less everything counted here and not charged yet."""
         tally = self._tally
-        if tally is None:
-            return self._left_tokens, self._left_cost
         tokens = None if tally.left_tokens is None else tally.left_tokens - tally.tokens
         cost = None if tally.left_cost is None else tally.left_cost - tally.cost
         return tokens, cost
 
     def _check(self) -> None:
-        """Mark the budget spent when what is left reached zero; under a tally, every other
-        stream of the caller here learns it too (`on_spent`: each ends at its next event
+        """Mark the budget spent when what is left reached zero; every other stream of the
+        caller here (its tally) learns it too (`on_spent`: each ends at its next event
         boundary; this one is ended by its caller, from `count`'s answer or `_flush`)."""
         left, left_cost = self._view()
         if left is not None and left <= 0:
@@ -316,27 +303,18 @@ class BudgetMeter:
             return
         if not self.spent:
             self.spent, self.spent_by = True, by
-        tally = self._tally
-        if tally is not None:
-            for meter in list(tally.meters):
-                if meter is not self and not meter.spent:
-                    meter.spent, meter.spent_by = True, by
-                    if meter._on_spent is not None:
-                        meter._on_spent()
+        for meter in list(self._tally.meters):
+            if meter is not self and not meter.spent:
+                meter.spent, meter.spent_by = True, by
+                if meter._on_spent is not None:
+                    meter._on_spent()
 
     def _see(self, state: BudgetState) -> None:
         """Take the shared figures, less what was counted here and not yet charged."""
         shared_tokens = state.remaining_tokens(self.spec)
         shared_cost = state.remaining_cost(self.spec)
         self._rate(shared_tokens, shared_cost)
-        tally = self._tally
-        if tally is None:
-            if shared_tokens is not None:
-                self._left_tokens = shared_tokens - self._pending_tokens
-            if shared_cost is not None:
-                self._left_cost = shared_cost - self._pending_cost
-        else:
-            tally.left_tokens, tally.left_cost = shared_tokens, shared_cost
+        self._tally.left_tokens, self._tally.left_cost = shared_tokens, shared_cost
         self._check()
 
     def _rate(self, tokens: int | None, cost: int | None) -> None:
@@ -381,21 +359,17 @@ class BudgetMeter:
         if not tokens and not cost:
             return True
         self._pending_tokens = self._pending_cost = 0
-        tally = self._tally
-        if tally is not None:  # in flight: the reply's figures will hold it
-            tally.tokens -= tokens
-            tally.cost -= cost
         try:
             state = await self.limiter.budget(self.subject, self.spec, tokens, cost)
         except LimiterUnavailable:
             # Kept for the next charge (the stream goes on under the figures known here).
             self._pending_tokens += tokens
             self._pending_cost += cost
-            if tally is not None:
-                tally.tokens += tokens
-                tally.cost += cost
             self.failures += 1
             return False
+        # Counted in the tally until the reply's figures hold it (not while in flight).
+        self._tally.tokens -= tokens
+        self._tally.cost -= cost
         self._charged_tokens += tokens
         self._charged_cost += cost
         self._charged_in(state, tokens, cost)
@@ -415,13 +389,14 @@ class BudgetMeter:
         task = self._task
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
+        # What is still pending goes in the correction below, charged on its own.
         tally = self._tally
-        if tally is not None and self._tallies is not None:
-            # What is still pending goes in the correction below, charged on its own.
-            tally.tokens -= self._pending_tokens
-            tally.cost -= self._pending_cost
+        tally.tokens -= self._pending_tokens
+        tally.cost -= self._pending_cost
+        self._pending_tokens = self._pending_cost = 0
+        tally.meters.discard(self)
+        if self._tallies is not None:
             self._tallies.leave(self.subject, self)
-            self._tally = None
         prompt = self._input
         output = self.output_tokens
         if usage is not None:
