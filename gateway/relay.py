@@ -342,69 +342,37 @@ class StreamOwner:
         return True
 
     def _gate_held(self, held: bytes) -> bytes:
-        """The held first event(s), metered (the observer has seen them already): cut after
-        the content event that spends the budget."""
-        meter = self.meter
-        assert meter is not None
-        decoder = SSEDecoder()
-        size = self.stream.observer.content_size
-        if meter.roomy(len(held)):
-            try:
-                events = decoder.feed(held)
-            except SSEError:
-                return held
-            now = time.perf_counter()
-            for event in events:
-                chars = size(event)
-                if chars:
-                    meter.count(chars, now)
+        """The held first event(s), metered with a decoder of their own (the stream's and
+        the observer have seen them already): cut after the content event that spends the
+        budget."""
+        cut = self._spent_at(held, SSEDecoder(), time.perf_counter(), live=False)
+        if cut is None:
             return held
-        start = 0
-        now = time.perf_counter()
-        for end in event_ends(held):
-            try:
-                events = decoder.feed(held[start:end])
-            except SSEError:
-                return held
-            for event in events:
-                chars = size(event)
-                if chars and meter.count(chars, now):
-                    if self._stop is None:
-                        self._stop = Outcome.BUDGET_EXCEEDED
-                    if end < len(held):
-                        self._clean_cut = True  # the stream's decoder saw what follows
-                        self._sequence = _sequence_after(event)
-                    return held[:end]
-            start = end
-        return held
+        end, event = cut
+        if self._stop is None:
+            self._stop = Outcome.BUDGET_EXCEEDED
+        if end < len(held):
+            self._clean_cut = True  # the stream's decoder saw what follows
+            self._sequence = _sequence_after(event)
+        return held[:end]
 
     def _gate(self, chunk: bytes) -> bytes:
         """A metered stream's read, observed before it is written: each content event is
         counted, and the read is cut right after the event that spends the budget (what
-        follows is never sent). A read that cannot spend it is decoded whole."""
-        meter = self.meter
-        assert meter is not None
+        follows is never sent)."""
         now = time.perf_counter()
-        if not self.observing:
-            return self._blind(chunk, now)
-        if meter.roomy(len(chunk) + self.stream.decoder.pending_bytes):
-            self._meter(chunk, now)
-            if not self.observing:
-                return self._blind(chunk, now)
-            return chunk
-        start = 0
-        for end in event_ends(chunk):
-            if self._meter(chunk[start:end] if start or end < len(chunk) else chunk, now):
+        if self.observing:
+            cut = self._spent_at(chunk, self.stream.decoder, now, live=True)
+            if cut is not None:
                 if self._stop is None:
                     self._stop = Outcome.BUDGET_EXCEEDED
                 # At a boundary the decoder dispatched on (an injector may still hold the
                 # CR of a split CRLF): the terminal event goes right here.
                 self._clean_cut = True
-                return chunk[:end]
-            if not self.observing:
-                return self._blind(chunk[start:], now)
-            start = end
-        return chunk
+                return chunk[: cut[0]]
+            if self.observing:
+                return chunk
+        return self._blind(chunk, now)
 
     def _blind(self, chunk: bytes, now: float) -> bytes:
         """A metered stream that can no longer be decoded (an event past the decoder's
@@ -417,30 +385,58 @@ class StreamOwner:
             self._abort_now = True
         return chunk
 
-    def _meter(self, piece: bytes, now: float) -> bool:
-        """Decode `piece`, show its events to the observer and count their content; whether
-        a budget is spent."""
-        stream = self.stream
-        try:
-            events = stream.decoder.feed(piece)
-        except SSEError:
-            self.observing = False
-            return False
-        if not events:
-            return False
-        observer, facts, meter = stream.observer, stream.facts, self.meter
+    def _spent_at(
+        self, data: bytes, decoder: SSEDecoder, now: float, live: bool
+    ) -> tuple[int, SSEEvent] | None:
+        """Feed `data` to `decoder`, counting its content events (`live`: the stream's own
+        decoder, whose events the observer sees too); where to cut it (just after the event
+        that spent the budget) and that event, or None. A read that cannot spend the budget
+        is fed whole; one that may is fed piece by piece, at the places an event can end."""
+        meter = self.meter
         assert meter is not None
+        if meter.roomy(len(data) + decoder.pending_bytes):
+            self._count(data, decoder, now, live)
+            return None
+        start = 0
+        for end in event_ends(data):
+            piece = data[start:end] if start or end < len(data) else data
+            spent = self._count(piece, decoder, now, live)
+            if spent is not None:
+                return end, spent
+            if live and not self.observing:
+                return None
+            start = end
+        return None
+
+    def _count(self, piece: bytes, decoder: SSEDecoder, now: float, live: bool) -> SSEEvent | None:
+        """Decode `piece` and count its content events (shown to the observer when `live`);
+        the event that spent the budget, if one did. A live decoder that fails stops
+        observing the stream (see `_blind`)."""
+        try:
+            events = decoder.feed(piece)
+        except SSEError:
+            if live:
+                self.observing = False
+            return None
+        if not events:
+            return None
+        stream, meter = self.stream, self.meter
+        assert meter is not None
+        observer = stream.observer
         size = observer.content_size
-        spent = False
+        spent = None
         for event in events:
-            observer.on_event(event, now)
+            if live:
+                observer.on_event(event, now)
             chars = size(event)
-            if chars and meter.count(chars, now):
-                spent = True
-        facts.last_event_at = now
-        if not self._seen_first and facts.first_token_at is not None:
-            self._seen_first = True
-            self._first_token()
+            if chars and meter.count(chars, now) and spent is None:
+                spent = event
+        if live:
+            facts = stream.facts
+            facts.last_event_at = now
+            if not self._seen_first and facts.first_token_at is not None:
+                self._seen_first = True
+                self._first_token()
         return spent
 
     async def _pump(self, response: web.StreamResponse, keepalive_s: float) -> Outcome:
